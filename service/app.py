@@ -1,0 +1,214 @@
+"""The composition root: wire settings, Kafka, DocuTray, the limiter and the engine; run until told to stop.
+
+Shutdown, step by step (SIGTERM or SIGINT):
+
+1. Stop fetching input (pause every partition).
+2. Stop dispatching new work; let in-flight submits record their outcome for
+   up to ``BRIDGE_SHUTDOWN_GRACE_S`` minus a margin; cancel status polls
+   (their conversions stay ``submitted`` in the changelog).
+3. Commit the last transaction, leave the group (the revoke callback commits
+   anything left), close the producer.
+4. Exit 0, within the grace period Kubernetes gives (it sends SIGTERM, waits
+   ``terminationGracePeriodSeconds``, then kills).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Generator
+from typing import Any
+
+import structlog
+import uvicorn
+
+from service import __version__, metrics
+from service.config import Settings, kafka_common_config, kafka_passthrough, redacted
+from service.docutray import DocuTrayClient
+from service.health import Probe, create_ops_app, liveness, readiness
+from service.kafkaio import KafkaIO, KafkaSettings, ensure_topics
+from service.logging import register_secrets
+from service.pipeline import Engine
+from service.ratelimit import build_limiter
+from service.scheduler import DurationModel, PollPolicy
+
+log = structlog.get_logger(__name__)
+
+
+def instance_id(settings: Settings) -> str:
+    """This replica's name (transactional id suffix): the setting, else host name and pid."""
+    return settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def kafka_settings(settings: Settings) -> KafkaSettings:
+    """The Kafka edge's slice of the settings."""
+    return KafkaSettings(
+        common=kafka_common_config(settings),
+        group_id=settings.group_id,
+        instance_id=instance_id(settings),
+        input_topic=settings.input_topic,
+        result_topic=settings.result_topic,
+        dead_letter_topic=settings.dead_letter_topic,
+        changelog_topic=settings.changelog,
+        commit_interval_s=settings.commit_interval_ms / 1000,
+        max_pending=settings.max_pending,
+        max_request_bytes=settings.max_request_bytes,
+        max_document_bytes=settings.max_document_bytes,
+        create_topics=settings.create_topics,
+        topic_partitions=settings.topic_partitions,
+        replication_factor=settings.topic_replication_factor,
+    )
+
+
+class _OpsServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the bridge owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _on_response(endpoint: str, status_code: int | None, duration_s: float) -> None:
+    if endpoint in metrics.ENDPOINTS:
+        metrics.HTTP_DURATION.labels(endpoint).observe(duration_s)
+
+
+def _on_limiter_event(kind: str, fields: dict[str, Any]) -> None:
+    if kind == "effective_rate":
+        metrics.LIMITER_EFFECTIVE_RATE.labels(fields["budget"]).set(fields["per_minute"] / 60)
+    elif kind == "degraded":
+        metrics.LIMITER_DEGRADED.set(1 if fields["degraded"] else 0)
+
+
+async def run_bridge(settings: Settings) -> int:
+    """Run the bridge until SIGTERM/SIGINT; return the process exit code."""
+    api_key = settings.docutray_api_key.get_secret_value()
+    redis_url = settings.redis
+    passthrough = kafka_passthrough()
+    register_secrets([api_key, redis_url, *passthrough.values()])
+    metrics.init_series()
+    ks = kafka_settings(settings)
+    log.info(
+        "bridge_starting",
+        version=__version__,
+        instance=ks.instance_id,
+        kafka=redacted(ks.common),
+        docutray_base_url=settings.docutray_base_url,
+        limiter="redis" if redis_url else "in-process",
+    )
+    partitions = await asyncio.to_thread(ensure_topics, ks)
+    log.info("topics_ready", input_partitions=partitions, changelog=ks.changelog_topic)
+
+    client = DocuTrayClient(
+        base_url=settings.docutray_base_url,
+        api_key=api_key,
+        connect_timeout_s=settings.docutray_connect_timeout_s,
+        read_timeout_s=settings.docutray_read_timeout_s,
+        write_timeout_s=settings.docutray_write_timeout_s,
+        max_connections=settings.docutray_max_connections,
+        on_response=_on_response,
+    )
+    limiter = build_limiter(
+        redis_url=redis_url,
+        submit_rate_per_minute=settings.submit_rate_per_minute,
+        status_rate_per_minute=settings.status_rate_per_minute,
+        shared_budget=settings.shared_budget,
+        burst=settings.rate_burst,
+        expected_replicas=settings.expected_replicas,
+        key_prefix=f"docutray-bridge:{settings.group_id}:",
+        on_event=_on_limiter_event,
+    )
+    for budget in metrics.BUDGETS:
+        metrics.LIMITER_CONFIGURED_RATE.labels(budget).set(
+            limiter.configured_rate_per_minute(budget) / 60
+        )
+        metrics.LIMITER_EFFECTIVE_RATE.labels(budget).set(
+            limiter.effective_rate_per_minute(budget) / 60
+        )
+    policy = PollPolicy(
+        model=DurationModel(default_median_s=settings.poll_default_median_s),
+        first_poll_quantile=settings.poll_first_quantile,
+        min_interval_s=settings.poll_min_interval_s,
+        max_interval_s=settings.poll_max_interval_s,
+    )
+    engine = Engine(
+        settings=settings, client=client, limiter=limiter, policy=policy, rng=random.Random()
+    )
+    loop = asyncio.get_running_loop()
+    kafka = KafkaIO(ks, loop=loop, hooks=engine)
+    engine.kafka = kafka
+    stopping = asyncio.Event()
+
+    def live() -> Probe:
+        return liveness(
+            now=time.monotonic(),
+            heartbeats={"engine": engine.heartbeat, "kafka": kafka.heartbeat},
+            timeout_s=settings.heartbeat_timeout_s,
+        )
+
+    def ready() -> Probe:
+        failure = engine.failure or kafka.error
+        probe = readiness(
+            joined=kafka.joined.is_set(),
+            stopping=stopping.is_set(),
+            paused=engine.paused_reasons,
+            failure=str(failure) if failure else None,
+            extra={
+                "assigned_partitions": sorted(kafka.assigned),
+                "pending": engine.counts(),
+                "limiter": limiter.describe(),
+            },
+        )
+        metrics.READY.set(1 if probe.ok else 0)
+        return probe
+
+    server = _OpsServer(
+        uvicorn.Config(
+            create_ops_app(live=live, ready=ready),
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    kafka.start()
+    server_task = loop.create_task(server.serve())
+    engine_task = loop.create_task(engine.run())
+    fatal_wait = loop.create_task(engine.wait_failed())
+    stop_wait = loop.create_task(stopping.wait())
+    log.info("bridge_running", metrics_port=settings.metrics_port)
+    await asyncio.wait({stop_wait, fatal_wait, engine_task}, return_when=asyncio.FIRST_COMPLETED)
+    started = time.monotonic()
+    stopping.set()
+    log.info("bridge_stopping", action="draining in-flight work; committing; leaving the group")
+    kafka.pause("shutdown")
+    margin = min(5.0, settings.shutdown_grace_s / 3)
+    await engine.drain(grace_s=max(0.5, settings.shutdown_grace_s - margin * 2))
+    kafka.stop()
+    left = max(1.0, settings.shutdown_grace_s - (time.monotonic() - started))
+    joined = await asyncio.to_thread(kafka.join, left)
+    server.should_exit = True
+    for task in (engine_task, fatal_wait, stop_wait):
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.wait_for(server_task, timeout=2)
+    await client.aclose()
+    await limiter.close()
+    failure = engine.failure or kafka.error
+    if failure is not None:
+        log.critical("bridge_failed", error=str(failure), action="restarting restores all state")
+        return 1
+    if not joined:
+        log.error("bridge_stop_timeout", action="Kafka did not close in time; pending work is safe")
+        return 1
+    log.info("bridge_stopped", seconds=round(time.monotonic() - started, 2))
+    return 0

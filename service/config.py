@@ -1,0 +1,302 @@
+"""Typed settings, read from the environment only.
+
+Three families of variables:
+
+- ``BRIDGE_*``: the bridge's own settings (fields of :class:`Settings`);
+- ``DOCUTRAY_*``, ``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL``: the standard
+  names for the things the bridge connects to;
+- any other ``KAFKA_*`` variable passes straight through to librdkafka:
+  ``KAFKA_SECURITY_PROTOCOL=SASL_SSL`` becomes ``security.protocol``
+  (underscores become dots; write a literal underscore as ``__``), so
+  SASL/TLS clusters work without code changes.
+
+A bad value fails at start-up with one line naming the variable
+(:func:`load_settings` raises :class:`SettingsError`); secret values are never
+echoed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.errors import BridgeError
+
+#: Variables that are ours and must not be passed to librdkafka.
+_KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS"})
+#: Fragments that mark a librdkafka property (or any setting) as secret.
+SECRET_MARKERS = ("password", "secret", "key", "token", "credential", "jaas")
+
+
+class SettingsError(BridgeError):
+    """A setting is missing or has a bad value."""
+
+
+def _env(name: str) -> Any:
+    return Field(validation_alias=AliasChoices(name, name.lower()))
+
+
+class Settings(BaseSettings):
+    """Every setting of the bridge. The README's settings table mirrors this class."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="",
+        case_sensitive=False,
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    # DocuTray
+    docutray_api_key: SecretStr = Field(
+        default=SecretStr(""),
+        validation_alias=AliasChoices("DOCUTRAY_API_KEY", "docutray_api_key"),
+        description="DocuTray API key (secret). Required by `run`.",
+    )
+    docutray_base_url: str = Field(
+        default="https://app.docutray.com",
+        validation_alias=AliasChoices("DOCUTRAY_BASE_URL", "docutray_base_url"),
+        description="DocuTray API base URL.",
+    )
+    docutray_connect_timeout_s: float = Field(
+        default=5.0, gt=0, validation_alias=AliasChoices("DOCUTRAY_CONNECT_TIMEOUT_S")
+    )
+    docutray_read_timeout_s: float = Field(
+        default=30.0, gt=0, validation_alias=AliasChoices("DOCUTRAY_READ_TIMEOUT_S")
+    )
+    docutray_write_timeout_s: float = Field(
+        default=60.0, gt=0, validation_alias=AliasChoices("DOCUTRAY_WRITE_TIMEOUT_S")
+    )
+    docutray_max_connections: int = Field(
+        default=100, ge=1, validation_alias=AliasChoices("DOCUTRAY_MAX_CONNECTIONS")
+    )
+
+    # Connections
+    kafka_bootstrap_servers: str = Field(
+        default="localhost:9092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+    )
+    redis_url: SecretStr = Field(
+        default=SecretStr(""),
+        validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis for the shared rate limit; empty = in-process limiter (one replica).",
+    )
+
+    # Topics and group
+    group_id: str = Field(
+        default="docutray-bridge", min_length=1, validation_alias=AliasChoices("BRIDGE_GROUP_ID")
+    )
+    input_topic: str = Field(
+        default="docutray.requests",
+        min_length=1,
+        validation_alias=AliasChoices("BRIDGE_INPUT_TOPIC"),
+    )
+    result_topic: str = Field(
+        default="docutray.results",
+        min_length=1,
+        validation_alias=AliasChoices("BRIDGE_RESULT_TOPIC"),
+    )
+    dead_letter_topic: str = Field(
+        default="docutray.dead-letters",
+        min_length=1,
+        validation_alias=AliasChoices("BRIDGE_DEAD_LETTER_TOPIC"),
+    )
+    changelog_topic: str = Field(
+        default="",
+        validation_alias=AliasChoices("BRIDGE_CHANGELOG_TOPIC"),
+        description="Compacted pending-conversion changelog; default `<group id>.pending-changelog`.",
+    )
+    create_topics: bool = Field(default=True, validation_alias=AliasChoices("BRIDGE_CREATE_TOPICS"))
+    topic_partitions: int = Field(
+        default=6, ge=1, validation_alias=AliasChoices("BRIDGE_TOPIC_PARTITIONS")
+    )
+    topic_replication_factor: int = Field(
+        default=1, ge=1, validation_alias=AliasChoices("BRIDGE_TOPIC_REPLICATION_FACTOR")
+    )
+
+    # Processing
+    commit_interval_ms: int = Field(
+        default=100, ge=5, le=10_000, validation_alias=AliasChoices("BRIDGE_COMMIT_INTERVAL_MS")
+    )
+    max_pending: int = Field(
+        default=10_000, ge=1, validation_alias=AliasChoices("BRIDGE_MAX_PENDING")
+    )
+    max_inflight_submits: int = Field(
+        default=64, ge=1, validation_alias=AliasChoices("BRIDGE_MAX_INFLIGHT_SUBMITS")
+    )
+    max_inflight_polls: int = Field(
+        default=64, ge=1, validation_alias=AliasChoices("BRIDGE_MAX_INFLIGHT_POLLS")
+    )
+    max_request_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        validation_alias=AliasChoices("BRIDGE_MAX_REQUEST_BYTES"),
+        description="Largest input record accepted (bigger: dead letter `too_large`).",
+    )
+    max_document_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=1,
+        validation_alias=AliasChoices("BRIDGE_MAX_DOCUMENT_BYTES"),
+        description="Largest document (decoded size); DocuTray's own limit is 100 MB.",
+    )
+    retry_deadline_s: float = Field(
+        default=900.0, gt=0, validation_alias=AliasChoices("BRIDGE_RETRY_DEADLINE_S")
+    )
+    retry_base_s: float = Field(
+        default=1.0, gt=0, validation_alias=AliasChoices("BRIDGE_RETRY_BASE_S")
+    )
+    retry_cap_s: float = Field(
+        default=60.0, gt=0, validation_alias=AliasChoices("BRIDGE_RETRY_CAP_S")
+    )
+    conversion_deadline_s: float = Field(
+        default=3900.0, gt=0, validation_alias=AliasChoices("BRIDGE_CONVERSION_DEADLINE_S")
+    )
+    max_lost_resubmits: int = Field(
+        default=2, ge=0, validation_alias=AliasChoices("BRIDGE_MAX_LOST_RESUBMITS")
+    )
+    unreachable_pause_after_s: float = Field(
+        default=60.0, gt=0, validation_alias=AliasChoices("BRIDGE_UNREACHABLE_PAUSE_AFTER_S")
+    )
+    systemic_probe_interval_s: float = Field(
+        default=15.0, gt=0, validation_alias=AliasChoices("BRIDGE_SYSTEMIC_PROBE_INTERVAL_S")
+    )
+    shutdown_grace_s: float = Field(
+        default=25.0, gt=0, validation_alias=AliasChoices("BRIDGE_SHUTDOWN_GRACE_S")
+    )
+
+    # Rate limit
+    submit_rate_per_minute: float = Field(
+        default=60.0, gt=0, validation_alias=AliasChoices("BRIDGE_SUBMIT_RATE_PER_MINUTE")
+    )
+    status_rate_per_minute: float = Field(
+        default=120.0, gt=0, validation_alias=AliasChoices("BRIDGE_STATUS_RATE_PER_MINUTE")
+    )
+    shared_budget: bool = Field(
+        default=False, validation_alias=AliasChoices("BRIDGE_SHARED_BUDGET")
+    )
+    rate_burst: int = Field(default=5, ge=1, validation_alias=AliasChoices("BRIDGE_RATE_BURST"))
+    expected_replicas: int = Field(
+        default=1, ge=1, validation_alias=AliasChoices("BRIDGE_EXPECTED_REPLICAS")
+    )
+
+    # Polling
+    poll_default_median_s: float = Field(
+        default=5.0, gt=0, validation_alias=AliasChoices("BRIDGE_POLL_DEFAULT_MEDIAN_S")
+    )
+    poll_first_quantile: float = Field(
+        default=0.6, gt=0, lt=1, validation_alias=AliasChoices("BRIDGE_POLL_FIRST_QUANTILE")
+    )
+    poll_min_interval_s: float = Field(
+        default=0.5, gt=0, validation_alias=AliasChoices("BRIDGE_POLL_MIN_INTERVAL_S")
+    )
+    poll_max_interval_s: float = Field(
+        default=30.0, gt=0, validation_alias=AliasChoices("BRIDGE_POLL_MAX_INTERVAL_S")
+    )
+
+    # Fetch mode
+    fetch_mode: bool = Field(default=False, validation_alias=AliasChoices("BRIDGE_FETCH_MODE"))
+    fetch_allow_private: bool = Field(
+        default=False, validation_alias=AliasChoices("BRIDGE_FETCH_ALLOW_PRIVATE")
+    )
+    fetch_timeout_s: float = Field(
+        default=30.0, gt=0, validation_alias=AliasChoices("BRIDGE_FETCH_TIMEOUT_S")
+    )
+
+    # Operations
+    metrics_port: int = Field(
+        default=9400, ge=0, le=65535, validation_alias=AliasChoices("BRIDGE_METRICS_PORT")
+    )
+    metrics_host: str = Field(
+        default="0.0.0.0", validation_alias=AliasChoices("BRIDGE_METRICS_HOST")
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", validation_alias=AliasChoices("BRIDGE_LOG_FORMAT")
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", validation_alias=AliasChoices("BRIDGE_LOG_LEVEL")
+    )
+    heartbeat_timeout_s: float = Field(
+        default=30.0, gt=0, validation_alias=AliasChoices("BRIDGE_HEARTBEAT_TIMEOUT_S")
+    )
+    instance_id: str = Field(
+        default="",
+        validation_alias=AliasChoices("BRIDGE_INSTANCE_ID", "HOSTNAME"),
+        description="Replica name for logs and the transactional id; default: the host name.",
+    )
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def changelog(self) -> str:
+        """The changelog topic name (explicit, or derived from the group id)."""
+        return self.changelog_topic or f"{self.group_id}.pending-changelog"
+
+    @property
+    def redis(self) -> str | None:
+        """The Redis URL, or None for the in-process limiter."""
+        return self.redis_url.get_secret_value() or None
+
+
+def kafka_passthrough(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """librdkafka properties from ``KAFKA_*`` variables (except the ones the bridge owns)."""
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    for name, value in env.items():
+        upper = name.upper()
+        if not upper.startswith("KAFKA_") or upper in _KAFKA_RESERVED:
+            continue
+        prop = upper[len("KAFKA_") :].lower().replace("__", "\0").replace("_", ".")
+        out[prop.replace("\0", "_")] = value
+    return out
+
+
+def kafka_common_config(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """librdkafka settings shared by every client: bootstrap servers plus the pass-through."""
+    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap_servers}
+    conf.update(kafka_passthrough(environ))
+    return conf
+
+
+def is_secret_property(name: str) -> bool:
+    """Whether a librdkafka property (or setting name) holds a secret."""
+    lowered = name.lower()
+    return any(marker in lowered for marker in SECRET_MARKERS)
+
+
+def redacted(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a config mapping safe to log: secret values replaced by ``***``."""
+    return {k: ("***" if is_secret_property(k) else v) for k, v in conf.items()}
+
+
+def _variable_name(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    info = Settings.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, AliasChoices):
+        first = info.validation_alias.choices[0]
+        if isinstance(first, str):
+            return first
+    return field.upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment; raise SettingsError with one clear line on a bad value."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = _variable_name(tuple(err.get("loc", ())))
+        msg = err.get("msg", "invalid value")
+        if is_secret_property(name):
+            raise SettingsError(f"invalid setting {name}: {msg}") from None
+        value = err.get("input")
+        shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
+        raise SettingsError(f"invalid setting {name}: {msg}{shown}") from None

@@ -1,0 +1,283 @@
+"""The wire format: every message the bridge reads or writes.
+
+These pydantic models are the public contract with upstream producers and
+downstream readers. Their JSON Schemas are generated into ``schemas/`` by
+``docutray-bridge schemas`` (a test fails when a file there is stale).
+
+- :class:`DocumentRequest`: the input record's value (UTF-8 JSON; key = request id).
+- :class:`ConversionResult`: the result topic (key = request id).
+- :class:`DeadLetter`: the dead-letter topic (key = request id when known).
+- :class:`PendingRecord`: the compacted changelog of pending conversions
+  (internal, but documented so operators can read it).
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+SCHEMA_VERSION: Literal[1] = 1
+
+#: MIME types DocuTray accepts (see the API contract).
+SUPPORTED_CONTENT_TYPES: tuple[str, ...] = (
+    "image/jpeg",
+    "image/png",
+    "image/gif",
+    "image/bmp",
+    "image/webp",
+    "application/pdf",
+)
+ContentType = Literal[
+    "image/jpeg", "image/png", "image/gif", "image/bmp", "image/webp", "application/pdf"
+]
+
+RequestId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$"),
+    Field(description="Idempotency and correlation key: printable ASCII, no spaces, 1-256 chars."),
+]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DocumentSource(_Model):
+    """Where the document comes from: exactly one of ``url`` or ``base64`` (with ``content_type``)."""
+
+    url: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=8192,
+            pattern=r"^https?://",
+            description="An http(s) URL DocuTray (or, in fetch mode, the bridge) downloads.",
+        ),
+    ] = None
+    base64: Annotated[
+        str | None,
+        Field(
+            default=None,
+            description="The document's bytes, base64-encoded (a `data:<mime>;base64,` URI is "
+            "accepted too).",
+        ),
+    ] = None
+    content_type: Annotated[
+        ContentType | None,
+        Field(
+            default=None,
+            description="MIME type of the document; required with `base64` unless it is a data URI.",
+        ),
+    ] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DocumentSource:
+        if (self.url is None) == (self.base64 is None):
+            raise ValueError("source must have exactly one of 'url' or 'base64'")
+        if (
+            self.base64 is not None
+            and self.content_type is None
+            and not self.base64.startswith("data:")
+        ):
+            raise ValueError("source.content_type is required with source.base64")
+        return self
+
+
+class DocumentRequest(_Model):
+    """A request to convert one document (the input topic's record value)."""
+
+    request_id: RequestId
+    document_type_code: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=128),
+        Field(description="DocuTray document type code, e.g. `invoice`, `receipt`, `id_card`."),
+    ]
+    source: DocumentSource
+    metadata: Annotated[
+        dict[str, Any] | None,
+        Field(
+            default=None,
+            description="Free-form object forwarded to DocuTray as `document_metadata` and echoed "
+            "back on the result.",
+        ),
+    ] = None
+    filename: Annotated[
+        str | None,
+        Field(default=None, max_length=255, description="Original file name, for humans."),
+    ] = None
+
+
+class ConversionTimings(_Model):
+    """When each step happened (ISO-8601 UTC)."""
+
+    received_at: datetime = Field(description="The bridge accepted the request.")
+    submitted_at: datetime | None = Field(
+        default=None, description="DocuTray accepted the conversion (last successful submit)."
+    )
+    completed_at: datetime | None = Field(
+        default=None,
+        description="DocuTray finished (its `response_timestamp`, or when the bridge saw it).",
+    )
+    published_at: datetime = Field(description="The bridge published this message.")
+    status_calls: int = Field(default=0, ge=0, description="Status calls spent on the conversion.")
+    submit_attempts: int = Field(
+        default=0, ge=0, description="Submit attempts (including retries)."
+    )
+
+
+class ConversionResult(_Model):
+    """The extracted data of one finished conversion (the result topic's record value)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: RequestId
+    conversion_id: str = Field(description="DocuTray's conversion id.")
+    document_type_code: str
+    status: Literal["SUCCESS"] = "SUCCESS"
+    data: dict[str, Any] = Field(
+        description="Extracted data, shaped by the document type's JSON Schema at DocuTray."
+    )
+    metadata: dict[str, Any] | None = Field(default=None, description="Echo of the request's.")
+    filename: str | None = None
+    original_filename: str | None = Field(
+        default=None, description="The file name DocuTray recorded."
+    )
+    timings: ConversionTimings
+
+
+class DeadLetterReason(StrEnum):
+    """Why a request could not be converted (a closed set; see the README's table)."""
+
+    MALFORMED_RECORD = "malformed_record"
+    """The record is not UTF-8 JSON (or not an object)."""
+    INVALID_REQUEST = "invalid_request"
+    """The JSON does not match the request schema, or DocuTray answered 400."""
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    """The document is not JPEG, PNG, GIF, BMP, WebP or PDF."""
+    TOO_LARGE = "too_large"
+    """The record or the document is over the size limit (DocuTray: 100 MB)."""
+    SOURCE_UNAVAILABLE = "source_unavailable"
+    """The document URL could not be downloaded (404, timeout)."""
+    FORBIDDEN_SOURCE = "forbidden_source"
+    """Fetch mode refused the URL (private or loopback address)."""
+    CONVERSION_FAILED = "conversion_failed"
+    """DocuTray finished the conversion with status ERROR."""
+    CONVERSION_LOST = "conversion_lost"
+    """DocuTray no longer knows the conversion (404/403) after the allowed resubmissions."""
+    TIMEOUT = "timeout"
+    """No terminal status before the conversion deadline."""
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    """Transient errors (429, 5xx, timeouts) went on past the retry deadline."""
+
+
+class EncodedBytes(_Model):
+    """Raw bytes kept intact: as text when valid UTF-8, otherwise base64."""
+
+    encoding: Literal["utf-8", "base64"]
+    data: str
+
+    @classmethod
+    def of(cls, raw: bytes | str | None) -> EncodedBytes | None:
+        """Encode raw bytes losslessly (None stays None)."""
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            return cls(encoding="utf-8", data=raw)
+        try:
+            return cls(encoding="utf-8", data=raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return cls(encoding="base64", data=base64.b64encode(raw).decode("ascii"))
+
+    def raw(self) -> bytes:
+        """The original bytes."""
+        if self.encoding == "utf-8":
+            return self.data.encode("utf-8")
+        return base64.b64decode(self.data)
+
+
+class OriginalHeader(_Model):
+    """One Kafka header of the original record."""
+
+    key: str
+    value: EncodedBytes | None
+
+
+class OriginalRecord(_Model):
+    """The input record exactly as consumed, so it can be inspected or replayed."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = None
+    key: EncodedBytes | None = None
+    value: EncodedBytes | None = None
+    headers: list[OriginalHeader] = Field(default_factory=list)
+
+    def header_tuples(self) -> list[tuple[str, str | bytes | None]]:
+        """The headers as confluent-kafka expects them."""
+        return [(h.key, h.value.raw() if h.value is not None else None) for h in self.headers]
+
+
+class DeadLetter(_Model):
+    """A request that could not be converted, with everything needed to understand and replay it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str | None = Field(
+        default=None, description="The request id, when the record could be read far enough."
+    )
+    reason: DeadLetterReason
+    message: str = Field(description="What went wrong and what to do, for humans.")
+    http_status: int | None = Field(default=None, description="DocuTray's HTTP status, if any.")
+    api_error: dict[str, Any] | None = Field(
+        default=None, description="DocuTray's error body, if any (never contains secrets)."
+    )
+    conversion_id: str | None = None
+    document_type_code: str | None = None
+    attempts: int = Field(default=0, ge=0, description="Submit attempts made.")
+    status_calls: int = Field(default=0, ge=0)
+    received_at: datetime | None = Field(default=None, description="The bridge first saw it.")
+    failed_at: datetime = Field(description="The bridge gave up.")
+    original: OriginalRecord
+
+
+PendingState = Literal["queued", "submitting", "submitted"]
+
+
+class PendingRecord(_Model):
+    """One pending conversion in the changelog (key = request id; tombstone when finished).
+
+    States: ``queued`` (waiting for its first submit or a retry at
+    ``next_attempt_at``), ``submitting`` (a submit may be in flight: after a
+    crash the new owner resubmits and counts it), ``submitted`` (DocuTray has
+    ``conversion_id``; being polled).
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str
+    state: PendingState
+    original: OriginalRecord
+    received_at: datetime
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_error: str | None = None
+    conversion_id: str | None = None
+    submitted_at: datetime | None = None
+    status_calls: int = 0
+    lost_resubmits: int = 0
+
+
+#: Every model with a published JSON Schema, by file stem.
+PUBLISHED_MODELS: dict[str, type[BaseModel]] = {
+    "document-request": DocumentRequest,
+    "conversion-result": ConversionResult,
+    "dead-letter": DeadLetter,
+    "pending-record": PendingRecord,
+}

@@ -1,0 +1,747 @@
+"""The engine: submit, poll and finish pending conversions, with nothing lost.
+
+The :class:`Engine` runs in the asyncio event loop. It holds the working copy
+of every pending request of the partitions this replica owns (handed over by
+the Kafka thread after restore or after a new request is durable), and two
+due-time queues: requests due for a submit (first try or retry) and
+conversions due for a status call. A dispatcher pops due work into bounded
+pools of tasks; each task spends one permit of the shared rate limit, calls
+DocuTray, and turns the answer into an effect for the Kafka thread's next
+transaction.
+
+A submit, step by step (:meth:`Engine._submit`):
+
+1. Take a permit from the shared limiter (bounded wait).
+2. Record the state ``submitting`` in the changelog and wait for the commit:
+   if this replica dies during the HTTP call, the next owner sees
+   ``submitting`` and knows DocuTray may already have the conversion, so the
+   resubmission is counted (``docutray_bridge_resubmissions_total{reason="recovery"}``).
+   The at-least-once window is exactly the HTTP call plus one commit interval.
+3. Call DocuTray.
+4. Record the outcome: ``submitted`` with the conversion id (then poll), a
+   dead letter with a tombstone (the request is at fault), ``queued`` with a
+   retry time (transient), or ``queued`` plus a pause of all consumption
+   (systemic: invalid API key, DocuTray unreachable).
+
+The loop wires parts together and holds no business rules: what an error
+means is decided in :mod:`service.outcomes`, when to poll in
+:mod:`service.scheduler`, and how fast to call in :mod:`service.ratelimit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from datetime import datetime, timedelta
+from typing import Any, BinaryIO, cast
+
+import structlog
+
+from service import metrics
+from service.config import Settings
+from service.docutray import (
+    ConversionStatus,
+    DocuTrayClient,
+    DocuTrayError,
+    RateLimited,
+    Submission,
+)
+from service.fetch import FetchError, fetch_document
+from service.kafkaio import Effect, EngineHooks, KafkaIO, OutRecord, StaleEffect
+from service.messages import DeadLetterReason, PendingRecord, utcnow
+from service.outcomes import (
+    Verdict,
+    build_dead_letter,
+    build_result,
+    classify_status_error,
+    classify_submit_error,
+    describe_error,
+)
+from service.pending import Entry, entry_from_record
+from service.ratelimit import Budget, LimiterTimeout, RateLimiter
+from service.scheduler import DueQueue, PollPolicy, retry_delay_s
+
+log = structlog.get_logger(__name__)
+
+Key = tuple[int, str]
+
+#: The longest a task waits for a rate-limit permit before giving its slot back.
+_MAX_PERMIT_WAIT_S = 30.0
+
+
+class Engine(EngineHooks):
+    """Pending conversions of this replica, and the tasks that move them forward."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        client: DocuTrayClient,
+        limiter: RateLimiter,
+        policy: PollPolicy,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._s = settings
+        self._client = client
+        self._limiter = limiter
+        self._policy = policy
+        self._rng = rng or random.Random()
+        self.kafka: KafkaIO | None = None
+        self._entries: dict[Key, Entry] = {}
+        self._submit_due: DueQueue[Key] = DueQueue()
+        self._poll_due: DueQueue[Key] = DueQueue()
+        self._submit_tasks: set[asyncio.Task[None]] = set()
+        self._poll_tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._paused: set[str] = set()
+        self._stopping = False
+        self._fatal: BaseException | None = None
+        self._done = asyncio.Event()
+        self._last_api_ok = time.monotonic()
+        self._probe_task: asyncio.Task[None] | None = None
+        self.heartbeat = time.monotonic()
+
+    # ---- hooks from the Kafka thread (run in the event loop) ----
+
+    def adopt(self, partition: int, epoch: int, records: dict[str, PendingRecord]) -> None:
+        """Take over pending entries: schedule each by its state."""
+        now_mono = time.monotonic()
+        now = utcnow()
+        for rid, record in records.items():
+            entry = entry_from_record(
+                record,
+                partition=partition,
+                epoch=epoch,
+                max_request_bytes=self._s.max_request_bytes,
+                max_document_bytes=self._s.max_document_bytes,
+            )
+            if entry is None:
+                self._dead_letter_unreadable(partition, epoch, record)
+                continue
+            key = (partition, rid)
+            self._entries[key] = entry
+            if entry.state == "submitted" and entry.conversion_id:
+                # Restored (or re-adopted): poll soon, spread out so a restore is no burst.
+                elapsed = (now - entry.submitted_at).total_seconds() if entry.submitted_at else 0.0
+                entry.submitted_mono = now_mono - max(0.0, elapsed)
+                delay = self._policy.next_delay_s(
+                    entry.request.document_type_code,
+                    elapsed_s=max(0.0, elapsed),
+                    polls_done=entry.status_calls,
+                    remaining_s=max(0.0, self._s.conversion_deadline_s - elapsed),
+                    rng=self._rng,
+                )
+                self._poll_due.schedule(key, now_mono + min(delay, self._rng.uniform(0, 2.0)))
+            else:
+                wait = 0.0
+                if record.next_attempt_at is not None:
+                    wait = max(0.0, (record.next_attempt_at - now).total_seconds())
+                self._submit_due.schedule(key, now_mono + wait)
+        self._update_gauges()
+        self._wake.set()
+
+    def drop(self, partition: int) -> None:
+        """Forget a partition: its owner (maybe us again, after a reset) restores it from Kafka."""
+        for key in [k for k in self._entries if k[0] == partition]:
+            del self._entries[key]
+            self._submit_due.cancel(key)
+            self._poll_due.cancel(key)
+        self._update_gauges()
+
+    def fatal(self, exc: BaseException) -> None:
+        """The Kafka thread died: stop the engine (the process exits non-zero)."""
+        self._fatal = exc
+        self._stopping = True
+        self._done.set()
+        self._wake.set()
+
+    # ---- state for health and metrics ----
+
+    @property
+    def paused_reasons(self) -> frozenset[str]:
+        """Why the engine does not call DocuTray right now (empty when it does)."""
+        return frozenset(self._paused)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that stopped the engine, if any."""
+        return self._fatal
+
+    async def wait_failed(self) -> None:
+        """Return when the engine stopped on a fatal error."""
+        await self._done.wait()
+
+    def counts(self) -> dict[str, int]:
+        """Pending entries by state."""
+        out = dict.fromkeys(metrics.PENDING_STATES, 0)
+        for entry in self._entries.values():
+            out[entry.state] += 1
+        return out
+
+    def _update_gauges(self) -> None:
+        for state, n in self.counts().items():
+            metrics.PENDING.labels(state).set(n)
+
+    # ---- the dispatcher ----
+
+    async def run(self) -> None:
+        """Dispatch due submits and polls until stopped."""
+        while not self._stopping:
+            self.heartbeat = time.monotonic()
+            metrics.HEARTBEAT.set(time.time())
+            now = time.monotonic()
+            if not self._paused:
+                free = self._s.max_inflight_submits - len(self._submit_tasks)
+                if free > 0:
+                    for key in self._submit_due.pop_due(now, limit=free):
+                        self._spawn(self._submit_tasks, self._submit(key))
+                free = self._s.max_inflight_polls - len(self._poll_tasks)
+                if free > 0:
+                    for key in self._poll_due.pop_due(now, limit=free):
+                        self._spawn(self._poll_tasks, self._poll(key))
+            nexts = [t for t in (self._submit_due.next_due_at(), self._poll_due.next_due_at()) if t]
+            timeout = min([1.0, *[max(0.0, t - time.monotonic()) for t in nexts]])
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.002))
+
+    def _spawn(self, pool: set[asyncio.Task[None]], coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        pool.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            pool.discard(t)
+            self._wake.set()
+            if not t.cancelled() and t.exception() is not None:
+                log.error(
+                    "task_failed",
+                    error=repr(t.exception()),
+                    action="bug: the entry is retried after a restart; report it",
+                )
+
+        task.add_done_callback(done)
+
+    async def drain(self, *, grace_s: float) -> None:
+        """Graceful stop: no new work, let in-flight submits record their outcome, cancel polls."""
+        self._stopping = True
+        self._wake.set()
+        if self._submit_tasks:
+            _, still = await asyncio.wait(set(self._submit_tasks), timeout=grace_s)
+            for task in still:
+                task.cancel()
+        for task in list(self._poll_tasks):
+            task.cancel()
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        await asyncio.gather(*self._submit_tasks, *self._poll_tasks, return_exceptions=True)
+
+    # ---- effects ----
+
+    async def _write(self, effect: Effect, *, wait: bool) -> bool:
+        """Hand an effect to the Kafka thread; with `wait`, until it is committed (False if stale)."""
+        assert self.kafka is not None
+        if wait:
+            effect.future = asyncio.get_running_loop().create_future()
+        self.kafka.submit(effect)
+        if not wait:
+            return True
+        assert effect.future is not None
+        try:
+            await effect.future
+        except StaleEffect:
+            return False
+        return True
+
+    def _changelog(self, entry: Entry, *, next_attempt_at: datetime | None = None) -> OutRecord:
+        record = entry.to_record(next_attempt_at=next_attempt_at)
+        return OutRecord(
+            self._s.changelog,
+            entry.request_id.encode(),
+            record.model_dump_json().encode(),
+            None,
+            entry.partition,
+        )
+
+    def _owned(self, entry: Entry) -> bool:
+        return self._entries.get(entry.key) is entry
+
+    async def _finish(
+        self, entry: Entry, record: OutRecord, *, dead_letter: str | None = None
+    ) -> None:
+        """Publish a result or dead letter and tombstone the pending record, in one transaction."""
+        tombstone = OutRecord(
+            self._s.changelog, entry.request_id.encode(), None, None, entry.partition
+        )
+        self._entries.pop(entry.key, None)
+        self._update_gauges()
+        await self._write(
+            Effect(
+                partition=entry.partition,
+                epoch=entry.epoch,
+                records=[record, tombstone],
+                finishes=entry.request_id,
+                dead_letter_reason=dead_letter,
+                result=dead_letter is None,
+            ),
+            wait=False,
+        )
+
+    async def _dead_letter(
+        self,
+        entry: Entry,
+        reason: DeadLetterReason,
+        message: str,
+        *,
+        error: DocuTrayError | None = None,
+    ) -> None:
+        letter = build_dead_letter(
+            reason=reason,
+            message=message,
+            original=entry.record.original,
+            request_id=entry.request_id,
+            document_type_code=entry.request.document_type_code,
+            error=error,
+            conversion_id=entry.conversion_id,
+            attempts=entry.attempts,
+            status_calls=entry.status_calls,
+            received_at=entry.record.received_at,
+        )
+        log.warning(
+            "request_dead_lettered",
+            request_id=entry.request_id,
+            conversion_id=entry.conversion_id,
+            reason=reason.value,
+            detail=message,
+            action="see the dead letter; fix the cause and replay with "
+            "`docutray-bridge dead-letters replay`",
+        )
+        await self._finish(
+            entry,
+            OutRecord(
+                self._s.dead_letter_topic,
+                entry.request_id.encode(),
+                letter.model_dump_json().encode(),
+                entry.record.original.header_tuples(),
+            ),
+            dead_letter=reason.value,
+        )
+
+    def _dead_letter_unreadable(self, partition: int, epoch: int, record: PendingRecord) -> None:
+        assert self.kafka is not None
+        letter = build_dead_letter(
+            reason=DeadLetterReason.INVALID_REQUEST,
+            message="pending record's request can no longer be read (changed limits?)",
+            original=record.original,
+            request_id=record.request_id,
+            received_at=record.received_at,
+            attempts=record.attempts,
+        )
+        self.kafka.submit(
+            Effect(
+                partition=partition,
+                epoch=epoch,
+                records=[
+                    OutRecord(
+                        self._s.dead_letter_topic,
+                        record.request_id.encode(),
+                        letter.model_dump_json().encode(),
+                        record.original.header_tuples(),
+                    ),
+                    OutRecord(self._s.changelog, record.request_id.encode(), None, None, partition),
+                ],
+                finishes=record.request_id,
+                dead_letter_reason=DeadLetterReason.INVALID_REQUEST.value,
+            )
+        )
+
+    # ---- submitting ----
+
+    async def _submit(self, key: Key) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        age_s = (utcnow() - entry.record.received_at).total_seconds()
+        if entry.attempts > 0 and age_s > self._s.retry_deadline_s and not entry.in_doubt:
+            await self._dead_letter(
+                entry,
+                DeadLetterReason.RETRIES_EXHAUSTED,
+                f"gave up after {entry.attempts} submit attempts over {age_s:.0f} s "
+                f"(BRIDGE_RETRY_DEADLINE_S={self._s.retry_deadline_s:g}); last error: "
+                f"{entry.last_error}",
+            )
+            return
+        # Step 1: a permit.
+        if not await self._permit("submit", entry, self._submit_due):
+            return
+        # Step 2: the intent, durable before the HTTP call.
+        resubmission = entry.in_doubt
+        entry.state = "submitting"
+        entry.attempts += 1
+        self._update_gauges()
+        committed = await self._write(
+            Effect(entry.partition, entry.epoch, [self._changelog(entry)]), wait=True
+        )
+        if not committed or not self._owned(entry):
+            return
+        if resubmission:
+            metrics.RESUBMISSIONS.labels("recovery").inc()
+            entry.in_doubt = False
+        # Step 3: the call.
+        try:
+            submission = await self._call_submit(entry)
+        except (DocuTrayError, FetchError) as exc:
+            await self._submit_failed(entry, exc)
+            return
+        # Step 4: the outcome.
+        self._api_ok()
+        metrics.SUBMISSIONS.labels("accepted", "2xx").inc()
+        self._limiter.on_success("submit")
+        entry.state = "submitted"
+        entry.conversion_id = submission.conversion_id
+        entry.submitted_at = utcnow()
+        entry.submitted_mono = time.monotonic()
+        entry.status_calls = 0
+        entry.last_error = None
+        self._update_gauges()
+        log.info(
+            "conversion_submitted",
+            request_id=entry.request_id,
+            conversion_id=submission.conversion_id,
+            attempt=entry.attempts,
+            partition=entry.partition,
+        )
+        await self._write(
+            Effect(entry.partition, entry.epoch, [self._changelog(entry)]), wait=False
+        )
+        delay = self._policy.first_delay_s(entry.request.document_type_code, rng=self._rng)
+        self._poll_due.schedule(entry.key, time.monotonic() + delay)
+        self._wake.set()
+
+    async def _call_submit(self, entry: Entry) -> Submission:
+        req = entry.request
+        src = req.source
+        metadata = req.metadata
+        if src.url is not None and self._s.fetch_mode:
+            doc = await fetch_document(
+                src.url,
+                max_bytes=self._s.max_document_bytes,
+                timeout_s=self._s.fetch_timeout_s,
+                allow_private=self._s.fetch_allow_private,
+            )
+            try:
+                return await self._client.submit_upload(
+                    file=cast(BinaryIO, doc.file),
+                    filename=req.filename or doc.filename,
+                    document_type_code=req.document_type_code,
+                    content_type=doc.content_type,
+                    metadata=metadata,
+                    size_bytes=doc.size_bytes,
+                )
+            finally:
+                doc.close()
+        if src.url is not None:
+            return await self._client.submit_url(
+                url=src.url,
+                document_type_code=req.document_type_code,
+                content_type=src.content_type,
+                metadata=metadata,
+            )
+        assert src.base64 is not None
+        return await self._client.submit_base64(
+            data_b64=src.base64,
+            document_type_code=req.document_type_code,
+            content_type=entry.content_type,
+            metadata=metadata,
+        )
+
+    async def _submit_failed(self, entry: Entry, exc: DocuTrayError | FetchError) -> None:
+        status = getattr(exc, "status_code", None)
+        verdict = classify_submit_error(exc, url_timeouts=entry.url_timeouts)
+        detail = describe_error(exc)
+        outcome = {
+            "dead_letter": "rejected",
+            "pause": "systemic_error",
+        }.get(verdict.action, "transient_error")
+        metrics.SUBMISSIONS.labels(outcome, metrics.status_class(status)).inc()
+        if verdict.action == "dead_letter":
+            assert verdict.reason is not None
+            self._api_ok()
+            await self._dead_letter(
+                entry,
+                verdict.reason,
+                f"DocuTray refused the request: {detail}",
+                error=exc if isinstance(exc, DocuTrayError) else None,
+            )
+            return
+        if status == 408 or (isinstance(exc, FetchError) and status is None):
+            entry.url_timeouts += 1
+        await self._requeue(entry, exc, verdict, budget="submit", attempts_charged=True)
+
+    async def _requeue(
+        self,
+        entry: Entry,
+        exc: BaseException,
+        verdict: Verdict,
+        *,
+        budget: Budget,
+        attempts_charged: bool,
+    ) -> None:
+        """Put a request back to `queued` with a retry time (transient or systemic failure)."""
+        detail = describe_error(exc)
+        await self._feedback(exc, verdict, budget=budget)
+        if verdict.action == "pause" and attempts_charged:
+            entry.attempts = max(0, entry.attempts - 1)  # not the request's fault
+        delay = retry_delay_s(
+            max(1, entry.attempts),
+            retry_after_s=verdict.retry_after_s,
+            base_s=self._s.retry_base_s,
+            cap_s=self._s.retry_cap_s,
+            rng=self._rng,
+        )
+        entry.state = "queued"
+        entry.last_error = detail
+        entry.conversion_id = None
+        self._update_gauges()
+        log.warning(
+            "submit_retry_scheduled",
+            request_id=entry.request_id,
+            attempt=entry.attempts,
+            retry_in_s=round(delay, 2),
+            error=detail,
+            action="none: retried automatically until BRIDGE_RETRY_DEADLINE_S",
+        )
+        await self._write(
+            Effect(
+                entry.partition,
+                entry.epoch,
+                [self._changelog(entry, next_attempt_at=utcnow() + timedelta(seconds=delay))],
+            ),
+            wait=False,
+        )
+        self._submit_due.schedule(entry.key, time.monotonic() + delay)
+        self._wake.set()
+
+    async def _permit(self, budget: Budget, entry: Entry, queue: DueQueue[Key]) -> bool:
+        """Wait for a rate-limit permit; on timeout put the entry back in its queue."""
+        try:
+            waited = await self._limiter.acquire(
+                budget,
+                deadline=time.monotonic() + _MAX_PERMIT_WAIT_S,
+            )
+        except LimiterTimeout:
+            queue.schedule(entry.key, time.monotonic() + self._rng.uniform(0.5, 2.0))
+            return False
+        metrics.LIMITER_WAIT.labels(budget).observe(waited)
+        if not self._owned(entry):
+            return False
+        if self._paused:
+            queue.schedule(entry.key, time.monotonic() + 1.0)
+            return False
+        return True
+
+    # ---- polling ----
+
+    async def _poll(self, key: Key) -> None:
+        entry = self._entries.get(key)
+        if entry is None or entry.conversion_id is None:
+            return
+        elapsed = time.monotonic() - (entry.submitted_mono or time.monotonic())
+        if elapsed > self._s.conversion_deadline_s:
+            await self._dead_letter(
+                entry,
+                DeadLetterReason.TIMEOUT,
+                f"no terminal status {elapsed:.0f} s after submit "
+                f"(BRIDGE_CONVERSION_DEADLINE_S={self._s.conversion_deadline_s:g})",
+            )
+            return
+        if not await self._permit("status", entry, self._poll_due):
+            return
+        entry.status_calls += 1
+        try:
+            status = await self._client.get_status(entry.conversion_id)
+        except DocuTrayError as exc:
+            await self._status_failed(entry, exc)
+            return
+        self._api_ok()
+        self._limiter.on_success("status")
+        if not self._owned(entry):
+            return
+        if status.status == "SUCCESS":
+            metrics.STATUS_CALLS.labels("success").inc()
+            await self._succeeded(entry, status, elapsed)
+        elif status.status == "ERROR":
+            metrics.STATUS_CALLS.labels("error").inc()
+            self._observe_finished(entry, status, elapsed)
+            await self._dead_letter(
+                entry,
+                DeadLetterReason.CONVERSION_FAILED,
+                f"DocuTray could not convert the document: {status.error or 'no error text'}",
+            )
+        else:
+            metrics.STATUS_CALLS.labels("in_progress").inc()
+            remaining = self._s.conversion_deadline_s - elapsed
+            delay = self._policy.next_delay_s(
+                entry.request.document_type_code,
+                elapsed_s=elapsed,
+                polls_done=entry.status_calls,
+                remaining_s=max(0.0, remaining),
+                rng=self._rng,
+            )
+            self._poll_due.schedule(entry.key, time.monotonic() + delay)
+            self._wake.set()
+
+    def _observe_finished(self, entry: Entry, status: ConversionStatus, elapsed: float) -> None:
+        doc_type = entry.request.document_type_code
+        processing = elapsed
+        if status.request_timestamp and status.response_timestamp:
+            processing = (status.response_timestamp - status.request_timestamp).total_seconds()
+        if processing > 0:
+            self._policy.model.observe(doc_type, processing)
+        metrics.CONVERSION_DURATION.labels(metrics.doc_type_label(doc_type)).observe(elapsed)
+        metrics.STATUS_CALLS_PER_CONVERSION.observe(entry.status_calls)
+
+    async def _succeeded(self, entry: Entry, status: ConversionStatus, elapsed: float) -> None:
+        self._observe_finished(entry, status, elapsed)
+        result = build_result(
+            request_id=entry.request_id,
+            status=status,
+            document_type_code=entry.request.document_type_code,
+            metadata=entry.request.metadata,
+            filename=entry.request.filename,
+            received_at=entry.record.received_at,
+            submitted_at=entry.submitted_at,
+            status_calls=entry.status_calls,
+            submit_attempts=entry.attempts,
+        )
+        log.info(
+            "conversion_succeeded",
+            request_id=entry.request_id,
+            conversion_id=entry.conversion_id,
+            status_calls=entry.status_calls,
+            seconds=round(elapsed, 3),
+        )
+        await self._finish(
+            entry,
+            OutRecord(
+                self._s.result_topic,
+                entry.request_id.encode(),
+                result.model_dump_json().encode(),
+                entry.record.original.header_tuples(),
+            ),
+        )
+
+    async def _status_failed(self, entry: Entry, exc: DocuTrayError) -> None:
+        verdict = classify_status_error(exc)
+        if verdict.action == "resubmit":
+            metrics.STATUS_CALLS.labels("lost").inc()
+            self._api_ok()
+            if entry.lost_resubmits >= self._s.max_lost_resubmits:
+                await self._dead_letter(
+                    entry,
+                    DeadLetterReason.CONVERSION_LOST,
+                    f"DocuTray no longer knows conversion {entry.conversion_id} "
+                    f"({describe_error(exc)}) after {entry.lost_resubmits} resubmissions "
+                    "(BRIDGE_MAX_LOST_RESUBMITS)",
+                    error=exc,
+                )
+                return
+            metrics.RESUBMISSIONS.labels("conversion_lost").inc()
+            log.warning(
+                "conversion_lost_resubmitting",
+                request_id=entry.request_id,
+                conversion_id=entry.conversion_id,
+                error=describe_error(exc),
+                action="none: submitted again automatically",
+            )
+            entry.lost_resubmits += 1
+            entry.state = "queued"
+            entry.conversion_id = None
+            entry.submitted_at = None
+            self._update_gauges()
+            await self._write(
+                Effect(entry.partition, entry.epoch, [self._changelog(entry)]), wait=False
+            )
+            self._submit_due.schedule(entry.key, time.monotonic())
+            self._wake.set()
+            return
+        outcome = "systemic_error" if verdict.action == "pause" else "transient_error"
+        metrics.STATUS_CALLS.labels(outcome).inc()
+        await self._feedback(exc, verdict, budget="status")
+        delay = retry_delay_s(
+            min(entry.status_calls, 8),
+            retry_after_s=verdict.retry_after_s,
+            base_s=self._s.retry_base_s,
+            cap_s=self._s.retry_cap_s,
+            rng=self._rng,
+        )
+        log.warning(
+            "status_retry_scheduled",
+            request_id=entry.request_id,
+            conversion_id=entry.conversion_id,
+            retry_in_s=round(delay, 2),
+            error=describe_error(exc),
+            action="none: retried automatically",
+        )
+        self._poll_due.schedule(entry.key, time.monotonic() + delay)
+        self._wake.set()
+
+    # ---- feedback, systemic pauses ----
+
+    async def _feedback(self, exc: BaseException, verdict: Verdict, *, budget: Budget) -> None:
+        b = budget
+        if isinstance(exc, RateLimited):
+            metrics.RATE_LIMITED.labels(b).inc()
+            await self._limiter.on_rate_limited(b, retry_after_s=exc.retry_after_s)
+        if verdict.pause is not None:
+            self._enter_pause(verdict.pause, describe_error(exc))
+        elif verdict.transport:
+            down_s = time.monotonic() - self._last_api_ok
+            if down_s > self._s.unreachable_pause_after_s:
+                self._enter_pause(
+                    "api_unreachable", f"{describe_error(exc)}; no success for {down_s:.0f} s"
+                )
+
+    def _api_ok(self) -> None:
+        self._last_api_ok = time.monotonic()
+
+    def _enter_pause(self, reason: str, detail: str) -> None:
+        if reason in self._paused:
+            return
+        self._paused.add(reason)
+        assert self.kafka is not None
+        self.kafka.pause(reason)
+        action = (
+            "set a valid DOCUTRAY_API_KEY (the Secret) and restart, or wait: the bridge probes "
+            "and resumes by itself"
+            if reason == "invalid_api_key"
+            else "check DocuTray's status and the network path to DOCUTRAY_BASE_URL; "
+            "the bridge probes and resumes by itself"
+        )
+        log.error("consumption_paused_systemic", reason=reason, error=detail, action=action)
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        """While paused for a systemic reason, check DocuTray now and then; resume when it works."""
+        while self._paused & {"invalid_api_key", "api_unreachable"} and not self._stopping:
+            await asyncio.sleep(self._s.systemic_probe_interval_s)
+            try:
+                await self._limiter.acquire(
+                    "status", deadline=time.monotonic() + self._s.systemic_probe_interval_s
+                )
+                await self._client.list_document_types(limit=1)
+            except LimiterTimeout:
+                continue
+            except DocuTrayError as exc:
+                log.warning("systemic_probe_failed", error=describe_error(exc))
+                continue
+            for reason in ("invalid_api_key", "api_unreachable"):
+                if reason in self._paused:
+                    self._paused.discard(reason)
+                    assert self.kafka is not None
+                    self.kafka.resume(reason)
+            self._api_ok()
+            log.info("consumption_resumed_systemic", action="none: DocuTray answers again")
+            self._wake.set()
