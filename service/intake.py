@@ -28,13 +28,12 @@ from service.messages import (
     OriginalRecord,
 )
 
-#: (prefix, content type); WebP is checked separately (RIFF....WEBP).
+#: (prefix, content type); WebP and BMP need more than a prefix.
 _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "image/jpeg"),
     (b"\x89PNG\r\n\x1a\n", "image/png"),
     (b"GIF87a", "image/gif"),
     (b"GIF89a", "image/gif"),
-    (b"BM", "image/bmp"),
     (b"%PDF-", "application/pdf"),
 )
 #: Enough bytes for the longest magic prefix (WebP: 12 bytes).
@@ -68,6 +67,8 @@ def sniff_content_type(head: bytes) -> str | None:
             return content_type
     if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
+    if head.startswith(b"BM") and head[6:10] == b"\x00\x00\x00\x00":
+        return "image/bmp"  # the BMP header's reserved fields are zero
     return None
 
 
@@ -144,23 +145,42 @@ def _describe_validation(exc: ValidationError) -> tuple[DeadLetterReason, str]:
     return reason, "request does not match the schema: " + message
 
 
+def key_as_request_id(key: bytes | str | None) -> str | None:
+    """The record key, if it can be a request id (producers key requests by request id)."""
+    if key is None:
+        return None
+    text = key.decode("utf-8", errors="replace") if isinstance(key, bytes) else key
+    if 0 < len(text) <= 256 and all(0x21 <= ord(c) <= 0x7E for c in text):
+        return text
+    return None
+
+
 def parse_record(
     value: bytes | None,
     *,
     max_request_bytes: int,
     max_document_bytes: int,
+    key: bytes | str | None = None,
 ) -> Accepted | Rejected:
-    """Judge one input record's value. Never raises."""
+    """Judge one input record's value. Never raises.
+
+    When the value cannot be read far enough to find its request id, the
+    record key stands in for it (if it looks like one), so that the dead
+    letter can still be matched to the request.
+    """
+    key_id = key_as_request_id(key)
     if value is None:
         return Rejected(
             DeadLetterReason.MALFORMED_RECORD,
             "record has no value (a tombstone?); send a JSON document request",
+            key_id,
         )
     if len(value) > max_request_bytes:
         return Rejected(
             DeadLetterReason.TOO_LARGE,
             f"record is {len(value)} bytes, over BRIDGE_MAX_REQUEST_BYTES={max_request_bytes}; "
             "send large documents by URL",
+            key_id,
         )
     try:
         text = value.decode("utf-8")
@@ -168,20 +188,26 @@ def parse_record(
         return Rejected(
             DeadLetterReason.MALFORMED_RECORD,
             f"record value is not UTF-8 (byte {exc.start}); send UTF-8 JSON",
+            key_id,
         )
     try:
         raw = json.loads(text)
     except RecursionError:
-        return Rejected(DeadLetterReason.MALFORMED_RECORD, "record value is nested too deeply")
+        return Rejected(
+            DeadLetterReason.MALFORMED_RECORD, "record value is nested too deeply", key_id
+        )
     except ValueError as exc:
-        return Rejected(DeadLetterReason.MALFORMED_RECORD, f"record value is not valid JSON: {exc}")
+        return Rejected(
+            DeadLetterReason.MALFORMED_RECORD, f"record value is not valid JSON: {exc}", key_id
+        )
     if not isinstance(raw, dict):
         return Rejected(
             DeadLetterReason.MALFORMED_RECORD,
             f"record value is JSON {type(raw).__name__}, expected an object",
+            key_id,
         )
     rid = raw.get("request_id")
-    request_id = rid if isinstance(rid, str) and 0 < len(rid) <= 256 else None
+    request_id = rid if isinstance(rid, str) and 0 < len(rid) <= 256 else key_id
     dtc = raw.get("document_type_code")
     doc_type = dtc if isinstance(dtc, str) and 0 < len(dtc) <= 128 else None
     if _depth_exceeds(raw, MAX_JSON_DEPTH):

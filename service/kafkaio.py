@@ -440,6 +440,7 @@ class KafkaIO:
             msg.value(),
             max_request_bytes=self._s.max_request_bytes,
             max_document_bytes=self._s.max_document_bytes,
+            key=msg.key(),
         )
         epoch = self._epochs.get(partition, 0)
         if not isinstance(verdict, Accepted):

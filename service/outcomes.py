@@ -68,8 +68,8 @@ def classify_submit_error(exc: DocuTrayError | FetchError, *, url_timeouts: int)
     ``source_unavailable``.
     """
     if isinstance(exc, FetchError):
-        if exc.reason == "source_unavailable" and exc.status_code is None:
-            # No HTTP answer from the document's host: timeout or connection error.
+        if exc.transient:
+            # Timeout, connection error, 408/429/5xx from the document's host.
             if url_timeouts < 2:
                 return Verdict("retry")
             return Verdict("dead_letter", DeadLetterReason.SOURCE_UNAVAILABLE)

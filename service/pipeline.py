@@ -475,7 +475,7 @@ class Engine(EngineHooks):
                 error=exc if isinstance(exc, DocuTrayError) else None,
             )
             return
-        if status == 408 or (isinstance(exc, FetchError) and status is None):
+        if status == 408 or (isinstance(exc, FetchError) and exc.transient):
             entry.url_timeouts += 1
         await self._requeue(entry, exc, verdict, budget="submit", attempts_charged=True)
 

@@ -1,0 +1,211 @@
+{{/*
+The chart name, cut to 63 characters (a DNS label).
+*/}}
+{{- define "docutray-bridge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The full name of every object: release-chart, or the release name when it
+already contains the chart name; cut to 63 characters.
+*/}}
+{{- define "docutray-bridge.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version for the helm.sh/chart label.
+*/}}
+{{- define "docutray-bridge.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every object.
+*/}}
+{{- define "docutray-bridge.labels" -}}
+helm.sh/chart: {{ include "docutray-bridge.chart" . }}
+{{ include "docutray-bridge.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: docutray-bridge
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels: immutable once the Deployment exists, so never add to them.
+*/}}
+{{- define "docutray-bridge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "docutray-bridge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The ServiceAccount the pods run as.
+*/}}
+{{- define "docutray-bridge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "docutray-bridge.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The container image: repository@digest, or repository:tag (tag defaults to appVersion).
+*/}}
+{{- define "docutray-bridge.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the API key.
+*/}}
+{{- define "docutray-bridge.apiKeySecretName" -}}
+{{- default (include "docutray-bridge.fullname" .) .Values.docutray.existingSecret }}
+{{- end }}
+
+{{/*
+Key of the API key inside its Secret.
+*/}}
+{{- define "docutray-bridge.apiKeySecretKey" -}}
+{{- if .Values.docutray.existingSecret }}{{ .Values.docutray.existingSecretKey }}{{ else }}DOCUTRAY_API_KEY{{ end }}
+{{- end }}
+
+{{/*
+Whether REDIS_URL is set at all ("true" or "").
+*/}}
+{{- define "docutray-bridge.redisEnabled" -}}
+{{- if or .Values.redis.url .Values.redis.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding REDIS_URL.
+*/}}
+{{- define "docutray-bridge.redisSecretName" -}}
+{{- default (include "docutray-bridge.fullname" .) .Values.redis.existingSecret }}
+{{- end }}
+
+{{/*
+Key of REDIS_URL inside its Secret.
+*/}}
+{{- define "docutray-bridge.redisSecretKey" -}}
+{{- if .Values.redis.existingSecret }}{{ .Values.redis.existingSecretKey }}{{ else }}REDIS_URL{{ end }}
+{{- end }}
+
+{{/*
+Whether the chart creates its own Secret ("true" or ""): for the API key when no
+existing Secret is named, and for REDIS_URL when given as a value.
+*/}}
+{{- define "docutray-bridge.createSecret" -}}
+{{- if or (not .Values.docutray.existingSecret) (and .Values.redis.url (not .Values.redis.existingSecret)) }}true{{ end }}
+{{- end }}
+
+{{/*
+BRIDGE_EXPECTED_REPLICAS: explicit, else maxReplicas under autoscaling, else replicaCount.
+*/}}
+{{- define "docutray-bridge.expectedReplicas" -}}
+{{- if .Values.expectedReplicas }}
+{{- .Values.expectedReplicas | int }}
+{{- else if .Values.autoscaling.enabled }}
+{{- .Values.autoscaling.maxReplicas | int }}
+{{- else }}
+{{- .Values.replicaCount | int }}
+{{- end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the drain timeout plus 5 s for the process to exit.
+*/}}
+{{- define "docutray-bridge.terminationGracePeriodSeconds" -}}
+{{- add (ceil .Values.shutdownGraceSeconds | int) 5 }}
+{{- end }}
+
+{{/*
+An environment variable value as text. Helm reads numbers in values as floats,
+so whole numbers are printed as integers (16777216, not 1.6777216e+07).
+*/}}
+{{- define "docutray-bridge.envValue" -}}
+{{- if kindIs "float64" . }}
+{{- if eq (floor .) . }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
+{{- else }}
+{{- . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Every environment variable of the ConfigMap, as a dict: values derived from other
+chart values first, then `settings` and `kafka.config` (which win).
+*/}}
+{{- define "docutray-bridge.configEnv" -}}
+{{- $derived := dict
+  "DOCUTRAY_BASE_URL" .Values.docutray.baseUrl
+  "KAFKA_BOOTSTRAP_SERVERS" .Values.kafka.bootstrapServers
+  "BRIDGE_TOPIC_PARTITIONS" .Values.kafka.inputPartitions
+  "BRIDGE_EXPECTED_REPLICAS" (include "docutray-bridge.expectedReplicas" . | int)
+  "BRIDGE_METRICS_PORT" .Values.metrics.port
+  "BRIDGE_SHUTDOWN_GRACE_S" .Values.shutdownGraceSeconds
+-}}
+{{- $env := merge (deepCopy (default dict .Values.kafka.config)) (deepCopy (default dict .Values.settings)) $derived -}}
+{{- toYaml $env }}
+{{- end }}
+
+{{/*
+Fail rendering on combinations that cannot work. Included by the Deployment.
+*/}}
+{{- define "docutray-bridge.validate" -}}
+{{- $partitions := .Values.kafka.inputPartitions | int }}
+{{- if lt $partitions 1 }}
+{{- fail "kafka.inputPartitions must be at least 1" }}
+{{- end }}
+{{- if not .Values.autoscaling.allowMoreReplicasThanPartitions }}
+{{- if and .Values.autoscaling.enabled (gt (.Values.autoscaling.maxReplicas | int) $partitions) }}
+{{- fail (printf "autoscaling.maxReplicas (%d) is more than kafka.inputPartitions (%d): extra replicas would get no partition. Lower maxReplicas, or set autoscaling.allowMoreReplicasThanPartitions=true." (.Values.autoscaling.maxReplicas | int) $partitions) }}
+{{- end }}
+{{- if and (not .Values.autoscaling.enabled) (gt (.Values.replicaCount | int) $partitions) }}
+{{- fail (printf "replicaCount (%d) is more than kafka.inputPartitions (%d): extra replicas would get no partition. Lower replicaCount, or set autoscaling.allowMoreReplicasThanPartitions=true." (.Values.replicaCount | int) $partitions) }}
+{{- end }}
+{{- end }}
+{{- if .Values.autoscaling.enabled }}
+{{- if not (has .Values.autoscaling.type (list "hpa" "keda")) }}
+{{- fail (printf "autoscaling.type must be hpa or keda, not %q" (toString .Values.autoscaling.type)) }}
+{{- end }}
+{{- if gt (.Values.autoscaling.minReplicas | int) (.Values.autoscaling.maxReplicas | int) }}
+{{- fail "autoscaling.minReplicas is more than autoscaling.maxReplicas" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.docutray.apiKey .Values.docutray.existingSecret }}
+{{- fail "set docutray.apiKey or docutray.existingSecret, not both" }}
+{{- end }}
+{{- if and .Values.redis.url .Values.redis.existingSecret }}
+{{- fail "set redis.url or redis.existingSecret, not both" }}
+{{- end }}
+{{- range $name, $_ := .Values.kafka.config }}
+{{- if not (hasPrefix "KAFKA_" $name) }}
+{{- fail (printf "kafka.config keys are KAFKA_* variables; %q is not" $name) }}
+{{- end }}
+{{- if eq $name "KAFKA_BOOTSTRAP_SERVERS" }}
+{{- fail "set kafka.bootstrapServers, not kafka.config.KAFKA_BOOTSTRAP_SERVERS" }}
+{{- end }}
+{{- if regexMatch "(?i)(PASSWORD|SECRET|KEY|TOKEN|CREDENTIAL|JAAS)" $name }}
+{{- fail (printf "kafka.config.%s looks secret: put it in the Secret named by kafka.existingSecret" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}

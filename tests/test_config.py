@@ -1,0 +1,324 @@
+"""Settings: defaults, every variable read from the environment, the Kafka pass-through,
+one-line errors that name the variable and never echo a secret, redaction."""
+
+from __future__ import annotations
+
+import os
+import typing
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaException, Producer
+from pydantic import SecretStr
+
+from service.config import (
+    Settings,
+    SettingsError,
+    is_secret_property,
+    kafka_common_config,
+    kafka_passthrough,
+    load_settings,
+    redacted,
+)
+
+API_KEY = "dtk_live_7f3a9c1e5b2d4f6a8c0e"
+REDIS_PASSWORD = "r3d1s-pa55w0rd-9f8e7d"
+SASL_PASSWORD = "sc4am-pa55w0rd-1a2b3c"
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """An environment with none of the variables the settings read."""
+    for name in list(os.environ):
+        upper = name.upper()
+        if upper.startswith(("BRIDGE_", "DOCUTRAY_", "KAFKA_")) or upper in {
+            "REDIS_URL",
+            "HOSTNAME",
+        }:
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def env_name(field: str) -> str:
+    """The environment variable a field reads (its first alias)."""
+    alias = Settings.model_fields[field].validation_alias
+    choices = getattr(alias, "choices", None)
+    assert choices, f"{field} has no environment alias"
+    first = choices[0]
+    assert isinstance(first, str)
+    return first
+
+
+def other_value(field: str) -> tuple[str, Any]:
+    """A valid, non-default value for a field: (as the environment spells it, as parsed)."""
+    info = Settings.model_fields[field]
+    default = info.default
+    annotation = info.annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        choice = next(c for c in typing.get_args(annotation) if c != default)
+        return str(choice).upper(), choice  # case-insensitive on purpose
+    if annotation is SecretStr:
+        return f"secret-for-{field}", f"secret-for-{field}"
+    if annotation is bool:
+        return ("false" if default else "true"), not default
+    if annotation is int:
+        return str(default + 1), default + 1
+    if annotation is float:
+        return str(default / 2), default / 2
+    if annotation is str:
+        return f"value-of-{field}", f"value-of-{field}"
+    raise AssertionError(f"no test value for {field}: {annotation}")
+
+
+def test_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert s.docutray_api_key.get_secret_value() == ""
+    assert s.docutray_base_url == "https://app.docutray.com"
+    assert s.kafka_bootstrap_servers == "localhost:9092"
+    assert s.redis is None
+    assert s.group_id == "docutray-bridge"
+    assert s.input_topic == "docutray.requests"
+    assert s.result_topic == "docutray.results"
+    assert s.dead_letter_topic == "docutray.dead-letters"
+    assert s.changelog == "docutray-bridge.pending-changelog"
+    assert s.metrics_port == 9400
+    assert s.max_request_bytes == 16 * 1024 * 1024
+    assert s.max_document_bytes == 100 * 1024 * 1024
+    assert s.log_format == "auto"
+    assert s.log_level == "info"
+    assert s.instance_id == ""
+
+
+@pytest.mark.parametrize("field", sorted(Settings.model_fields))
+def test_every_setting_is_read_from_its_variable(clean_env: pytest.MonkeyPatch, field: str) -> None:
+    raw, parsed = other_value(field)
+    clean_env.setenv(env_name(field), raw)
+    value = getattr(load_settings(), field)
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    assert value == parsed
+
+
+def test_every_bridge_setting_has_a_bridge_variable() -> None:
+    own = {
+        name
+        for name in Settings.model_fields
+        if not name.startswith(("docutray_", "kafka_", "redis_"))
+    }
+    assert own, "expected bridge-owned settings"
+    for name in own:
+        assert env_name(name) == f"BRIDGE_{name.upper()}"
+
+
+def test_instance_id_falls_back_to_hostname(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HOSTNAME", "bridge-7d9f-abcde")
+    assert load_settings().instance_id == "bridge-7d9f-abcde"
+    clean_env.setenv("BRIDGE_INSTANCE_ID", "replica-1")
+    assert load_settings().instance_id == "replica-1"
+
+
+def test_changelog_name_follows_group_unless_set(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("BRIDGE_GROUP_ID", "billing")
+    assert load_settings().changelog == "billing.pending-changelog"
+    clean_env.setenv("BRIDGE_CHANGELOG_TOPIC", "custom.changelog")
+    assert load_settings().changelog == "custom.changelog"
+
+
+def test_redis_url_empty_means_no_redis(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("REDIS_URL", "")
+    assert load_settings().redis is None
+    clean_env.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert load_settings().redis == "redis://127.0.0.1:6379/0"
+
+
+# --------------------------------------------------------------------------- pass-through
+
+
+def test_kafka_passthrough_maps_names() -> None:
+    env = {
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": "bridge",
+        "KAFKA_SASL_PASSWORD": SASL_PASSWORD,
+        "KAFKA_SSL_CA_LOCATION": "/etc/ssl/ca.pem",
+        "KAFKA_SOME__ODD_NAME": "x",
+        "KAFKA_BOOTSTRAP_SERVERS": "broker:9092",
+        "BRIDGE_GROUP_ID": "g",
+        "PATH": "/usr/bin",
+    }
+    assert kafka_passthrough(env) == {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "bridge",
+        "sasl.password": SASL_PASSWORD,
+        "ssl.ca.location": "/etc/ssl/ca.pem",
+        "some_odd.name": "x",
+    }
+
+
+def test_kafka_passthrough_reads_the_process_environment(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("KAFKA_CLIENT_ID", "from-env")
+    clean_env.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+    assert kafka_passthrough() == {"client.id": "from-env"}
+
+
+def test_kafka_common_config_owns_bootstrap_servers(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+    settings = load_settings()
+    conf = kafka_common_config(settings, {"KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"})
+    assert conf == {"bootstrap.servers": "127.0.0.1:19092", "security.protocol": "PLAINTEXT"}
+
+
+def _librdkafka_accepts(conf: dict[str, Any]) -> None:
+    """Build (and drop) a producer: librdkafka validates every property at construction."""
+    producer = Producer({**conf, "bootstrap.servers": "127.0.0.1:9", "log_level": 0})
+    producer.flush(0)
+
+
+def test_passthrough_of_sasl_settings_is_accepted_by_librdkafka() -> None:
+    env = {
+        "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": "bridge",
+        "KAFKA_SASL_PASSWORD": SASL_PASSWORD,
+        "KAFKA_ENABLE_SSL_CERTIFICATE_VERIFICATION": "true",
+    }
+    _librdkafka_accepts(kafka_passthrough(env))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: config.kafka_passthrough passes EVERY KAFKA_* variable to librdkafka, including "
+    "the service-link variables Kubernetes injects for a Service named `kafka` in the same "
+    "namespace (KAFKA_PORT, KAFKA_SERVICE_HOST, ...); librdkafka then refuses to start: "
+    "'No such configuration property: \"port\"'",
+)
+def test_kubernetes_service_link_variables_do_not_break_the_kafka_client() -> None:
+    env = {
+        "KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",
+        "KAFKA_PORT": "tcp://10.96.12.7:9092",
+        "KAFKA_PORT_9092_TCP": "tcp://10.96.12.7:9092",
+        "KAFKA_PORT_9092_TCP_ADDR": "10.96.12.7",
+        "KAFKA_PORT_9092_TCP_PORT": "9092",
+        "KAFKA_PORT_9092_TCP_PROTO": "tcp",
+        "KAFKA_SERVICE_HOST": "10.96.12.7",
+        "KAFKA_SERVICE_PORT": "9092",
+    }
+    try:
+        _librdkafka_accepts(kafka_passthrough(env))
+    except KafkaException as exc:
+        pytest.fail(f"librdkafka refused the pass-through: {exc}")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BRIDGE_MAX_PENDING", "abc"),
+        ("BRIDGE_MAX_PENDING", "0"),
+        ("BRIDGE_MAX_PENDING", "1\n2"),
+        ("BRIDGE_METRICS_PORT", "70000"),
+        ("BRIDGE_LOG_FORMAT", "xml"),
+        ("BRIDGE_LOG_LEVEL", "loud"),
+        ("BRIDGE_CREATE_TOPICS", "maybe"),
+        ("BRIDGE_POLL_FIRST_QUANTILE", "1.5"),
+        ("BRIDGE_GROUP_ID", ""),
+        ("BRIDGE_MAX_REQUEST_BYTES", "10"),
+        ("DOCUTRAY_READ_TIMEOUT_S", "-1"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_variable(
+    clean_env: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    clean_env.setenv(variable, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "\r" not in message
+    assert message.startswith(f"invalid setting {variable}:")
+
+
+def test_bad_value_error_never_contains_secrets(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("DOCUTRAY_API_KEY", API_KEY)
+    clean_env.setenv("REDIS_URL", f"redis://bridge:{REDIS_PASSWORD}@127.0.0.1:6379/0")
+    clean_env.setenv("KAFKA_SASL_PASSWORD", SASL_PASSWORD)
+    clean_env.setenv("BRIDGE_MAX_PENDING", "abc")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "BRIDGE_MAX_PENDING" in message
+    for secret in (API_KEY, REDIS_PASSWORD, SASL_PASSWORD):
+        assert secret not in message
+        assert secret not in repr(info.value)
+    # The pydantic ValidationError (which holds every input) is not chained.
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+
+def test_invalid_secret_setting_does_not_echo_its_value(clean_env: pytest.MonkeyPatch) -> None:
+    # The environment only yields strings (always valid for a secret); a programmatic
+    # override is the way a secret field can be invalid.
+    with pytest.raises(SettingsError) as info:
+        load_settings(docutray_api_key=987654321987)
+    message = str(info.value)
+    assert message.startswith("invalid setting DOCUTRAY_API_KEY:")
+    assert "987654321987" not in message
+
+
+def test_settings_repr_masks_secrets(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("DOCUTRAY_API_KEY", API_KEY)
+    clean_env.setenv("REDIS_URL", f"redis://bridge:{REDIS_PASSWORD}@127.0.0.1:6379/0")
+    s = load_settings()
+    for text in (repr(s), str(s), s.model_dump_json()):
+        assert API_KEY not in text
+        assert REDIS_PASSWORD not in text
+    assert s.docutray_api_key.get_secret_value() == API_KEY
+
+
+# --------------------------------------------------------------------------- redaction
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sasl.password",
+        "ssl.key.password",
+        "ssl.keystore.password",
+        "ssl.key.pem",
+        "sasl.oauthbearer.client.secret",
+        "sasl.jaas.config",
+        "DOCUTRAY_API_KEY",
+        "api_token",
+    ],
+)
+def test_secret_properties_are_recognised(name: str) -> None:
+    assert is_secret_property(name)
+
+
+@pytest.mark.parametrize(
+    "name", ["bootstrap.servers", "sasl.username", "security.protocol", "client.id"]
+)
+def test_plain_properties_are_not_secret(name: str) -> None:
+    assert not is_secret_property(name)
+
+
+def test_redacted_masks_password_secret_and_key_values() -> None:
+    conf = {
+        "bootstrap.servers": "b:9092",
+        "sasl.username": "bridge",
+        "sasl.password": SASL_PASSWORD,
+        "sasl.oauthbearer.client.secret": "oauth-secret-value",
+        "ssl.key.password": "key-pass-value",
+    }
+    out = redacted(conf)
+    assert out == {
+        "bootstrap.servers": "b:9092",
+        "sasl.username": "bridge",
+        "sasl.password": "***",
+        "sasl.oauthbearer.client.secret": "***",
+        "ssl.key.password": "***",
+    }
+    assert conf["sasl.password"] == SASL_PASSWORD  # a copy: the input is untouched

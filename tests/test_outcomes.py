@@ -1,0 +1,452 @@
+"""outcomes: what each API or fetch error means, and the messages the bridge publishes."""
+
+from __future__ import annotations
+
+import json
+import typing
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from service.docutray import (
+    AccessDenied,
+    ApiTimeout,
+    ApiUnreachable,
+    ConversionLost,
+    ConversionStatus,
+    DocuTrayError,
+    EndpointNotFound,
+    InvalidApiKey,
+    RateLimited,
+    RejectReason,
+    RequestRejected,
+    ServerError,
+    UnexpectedResponse,
+    error_from_response,
+)
+from service.fetch import FetchError
+from service.intake import original_record
+from service.messages import DeadLetter, DeadLetterReason
+from service.outcomes import (
+    Verdict,
+    build_dead_letter,
+    build_result,
+    classify_status_error,
+    classify_submit_error,
+    describe_error,
+    safe_api_body,
+)
+
+API_KEY = "dtk_live_Q1w2E3r4T5y6U7i8O9p0"
+T0 = datetime.now(UTC) - timedelta(hours=1)
+
+
+def rejected(reason: RejectReason, status: int, message: str = "m") -> RequestRejected:
+    return RequestRejected(
+        f"DocuTray submit HTTP {status}: {message}",
+        reason=reason,
+        endpoint="submit",
+        status_code=status,
+        api_message=message,
+        body={"message": message},
+    )
+
+
+def rate_limited(retry_after_s: float | None = 7.0) -> RateLimited:
+    return RateLimited(
+        "DocuTray submit HTTP 429: Rate limit exceeded",
+        retry_after_s=retry_after_s,
+        endpoint="submit",
+        status_code=429,
+        api_message="Rate limit exceeded",
+    )
+
+
+def systemic(cls: type[DocuTrayError], status: int) -> DocuTrayError:
+    return cls(f"DocuTray submit HTTP {status}", endpoint="submit", status_code=status)
+
+
+TRANSIENT: list[DocuTrayError] = [
+    ServerError("DocuTray submit HTTP 503", endpoint="submit", status_code=503),
+    ApiTimeout("DocuTray submit timed out (ReadTimeout)", maybe_processed=True, endpoint="submit"),
+    ApiUnreachable(
+        "DocuTray submit unreachable (ConnectError)", maybe_processed=False, endpoint="submit"
+    ),
+    UnexpectedResponse("DocuTray submit HTTP 418", endpoint="submit", status_code=418),
+]
+SYSTEMIC: list[DocuTrayError] = [
+    systemic(InvalidApiKey, 401),
+    systemic(AccessDenied, 403),
+    systemic(EndpointNotFound, 404),
+]
+
+
+# --------------------------------------------------------------------------- submit errors
+
+
+@pytest.mark.parametrize(
+    ("reason", "status"),
+    [
+        ("invalid_request", 400),
+        ("unsupported_format", 400),
+        ("too_large", 413),
+        ("invalid_request", 415),
+        ("source_unavailable", 404),
+    ],
+)
+def test_rejected_submit_is_dead_lettered_with_its_reason(
+    reason: RejectReason, status: int
+) -> None:
+    verdict = classify_submit_error(rejected(reason, status), url_timeouts=0)
+    assert verdict == Verdict("dead_letter", DeadLetterReason(reason))
+
+
+def test_every_reject_reason_is_a_dead_letter_reason() -> None:
+    for reason in typing.get_args(RejectReason):
+        assert DeadLetterReason(reason).value == reason
+
+
+def test_url_download_timeout_408_is_retried_twice_then_source_unavailable() -> None:
+    exc = rejected("source_unavailable", 408, "URL download timeout (30000ms)")
+    assert classify_submit_error(exc, url_timeouts=0).action == "retry"
+    assert classify_submit_error(exc, url_timeouts=1).action == "retry"
+    final = classify_submit_error(exc, url_timeouts=2)
+    assert final == Verdict("dead_letter", DeadLetterReason.SOURCE_UNAVAILABLE)
+
+
+@pytest.mark.parametrize("exc", SYSTEMIC, ids=lambda e: type(e).__name__)
+def test_systemic_submit_errors_pause(exc: DocuTrayError) -> None:
+    verdict = classify_submit_error(exc, url_timeouts=0)
+    assert verdict.action == "pause"
+    assert verdict.pause is not None
+    assert verdict.reason is None
+
+
+def test_invalid_api_key_pause_reason() -> None:
+    assert classify_submit_error(systemic(InvalidApiKey, 401), url_timeouts=0).pause == (
+        "invalid_api_key"
+    )
+
+
+def test_rate_limited_submit_is_retried_after_the_wait() -> None:
+    verdict = classify_submit_error(rate_limited(7.0), url_timeouts=0)
+    assert verdict == Verdict("retry", retry_after_s=7.0)
+    assert classify_submit_error(rate_limited(None), url_timeouts=0).retry_after_s is None
+
+
+@pytest.mark.parametrize("exc", TRANSIENT, ids=lambda e: type(e).__name__)
+def test_transient_submit_errors_are_retried_as_transport_failures(exc: DocuTrayError) -> None:
+    assert classify_submit_error(exc, url_timeouts=0) == Verdict("retry", transport=True)
+
+
+def test_conversion_lost_on_submit_is_retried() -> None:
+    exc = ConversionLost("DocuTray submit HTTP 404", endpoint="submit", status_code=404)
+    assert classify_submit_error(exc, url_timeouts=0).action == "retry"
+
+
+# --------------------------------------------------------------------------- fetch errors
+
+
+def test_fetch_timeout_is_retried_twice_then_source_unavailable() -> None:
+    exc = FetchError("download timed out", reason="source_unavailable", transient=True)
+    assert classify_submit_error(exc, url_timeouts=0).action == "retry"
+    assert classify_submit_error(exc, url_timeouts=1).action == "retry"
+    assert classify_submit_error(exc, url_timeouts=2) == Verdict(
+        "dead_letter", DeadLetterReason.SOURCE_UNAVAILABLE
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (
+            FetchError("source answered HTTP 404", reason="source_unavailable", status_code=404),
+            DeadLetterReason.SOURCE_UNAVAILABLE,
+        ),
+        (FetchError("document too big", reason="too_large"), DeadLetterReason.TOO_LARGE),
+        (
+            FetchError("resolves to 10.0.0.1", reason="forbidden_address"),
+            DeadLetterReason.FORBIDDEN_SOURCE,
+        ),
+        (FetchError("no host", reason="invalid_url"), DeadLetterReason.INVALID_REQUEST),
+    ],
+    ids=["http-404", "too-large", "forbidden", "invalid-url"],
+)
+def test_fetch_errors_that_cannot_heal_are_dead_lettered(
+    exc: FetchError, reason: DeadLetterReason
+) -> None:
+    assert classify_submit_error(exc, url_timeouts=0) == Verdict("dead_letter", reason)
+
+
+@pytest.mark.parametrize("status", [408, 429, 503])
+def test_transient_fetch_http_errors_are_retried(status: int) -> None:
+    exc = FetchError(
+        f"source answered HTTP {status}",
+        reason="source_unavailable",
+        status_code=status,
+        transient=True,
+    )
+    assert classify_submit_error(exc, url_timeouts=0).action == "retry"
+    assert classify_submit_error(exc, url_timeouts=2) == Verdict(
+        "dead_letter", DeadLetterReason.SOURCE_UNAVAILABLE
+    )
+
+
+def test_permanent_fetch_failure_without_http_answer_is_dead_lettered_at_once() -> None:
+    exc = FetchError("cannot resolve host (Name or service not known)", reason="source_unavailable")
+    assert classify_submit_error(exc, url_timeouts=0) == Verdict(
+        "dead_letter", DeadLetterReason.SOURCE_UNAVAILABLE
+    )
+
+
+# --------------------------------------------------------------------------- status errors
+
+
+def test_lost_conversion_is_resubmitted() -> None:
+    for status in (403, 404):
+        exc = ConversionLost(
+            f"DocuTray status HTTP {status}", endpoint="status", status_code=status
+        )
+        assert classify_status_error(exc) == Verdict("resubmit")
+
+
+@pytest.mark.parametrize("exc", SYSTEMIC, ids=lambda e: type(e).__name__)
+def test_systemic_status_errors_pause(exc: DocuTrayError) -> None:
+    verdict = classify_status_error(exc)
+    assert verdict.action == "pause"
+    assert verdict.pause is not None
+
+
+def test_rate_limited_status_is_retried_after_the_wait() -> None:
+    assert classify_status_error(rate_limited(3.5)) == Verdict("retry", retry_after_s=3.5)
+
+
+@pytest.mark.parametrize("exc", TRANSIENT, ids=lambda e: type(e).__name__)
+def test_transient_status_errors_are_retried(exc: DocuTrayError) -> None:
+    assert classify_status_error(exc) == Verdict("retry", transport=True)
+
+
+def test_status_errors_never_dead_letter_directly() -> None:
+    every: list[DocuTrayError] = [
+        *TRANSIENT,
+        *SYSTEMIC,
+        rate_limited(),
+        rejected("invalid_request", 400),
+        ConversionLost("gone", endpoint="status", status_code=404),
+    ]
+    for exc in every:
+        assert classify_status_error(exc).action != "dead_letter"
+
+
+# --------------------------------------------------------------------------- bodies, letters
+
+
+def test_safe_api_body_keeps_only_documented_keys() -> None:
+    body = {
+        "error": "Rate limit exceeded",
+        "message": "m",
+        "errors": ["e"],
+        "limitType": "minute",
+        "limit": 60,
+        "remaining": 0,
+        "resetTime": 1_700_000_000,
+        "retryAfter": 12,
+        "image_base64": "JVBERi0x...",
+        "apiKey": API_KEY,
+        "debug": {"trace": "x"},
+    }
+    out = safe_api_body(body)
+    assert out is not None
+    assert set(out) == {
+        "error",
+        "message",
+        "errors",
+        "limitType",
+        "limit",
+        "remaining",
+        "resetTime",
+        "retryAfter",
+    }
+    assert safe_api_body(None) is None
+    assert safe_api_body({}) is None
+
+
+def _original(value: bytes = b'{"request_id": "req-1"}') -> Any:
+    return original_record(
+        topic="docutray.requests",
+        partition=2,
+        offset=99,
+        timestamp_ms=1_700_000_000_123,
+        key=b"\x00req-1\xff",
+        value=value,
+        headers=[("traceparent", b"00-abc-01"), ("bin", b"\xc3\x28"), ("none", None)],
+    )
+
+
+def test_dead_letter_carries_the_original_record_intact() -> None:
+    orig = _original(b"\xff\xfenot utf-8 at all")
+    letter = build_dead_letter(
+        reason=DeadLetterReason.MALFORMED_RECORD,
+        message="record value is not UTF-8",
+        original=orig,
+        request_id=None,
+    )
+    again = DeadLetter.model_validate_json(letter.model_dump_json())
+    assert again.original == orig
+    assert again.original.value is not None
+    assert again.original.key is not None
+    assert again.original.value.raw() == b"\xff\xfenot utf-8 at all"
+    assert again.original.key.raw() == b"\x00req-1\xff"
+    assert again.original.header_tuples() == [
+        ("traceparent", b"00-abc-01"),
+        ("bin", b"\xc3\x28"),
+        ("none", None),
+    ]
+    assert (again.original.topic, again.original.partition, again.original.offset) == (
+        "docutray.requests",
+        2,
+        99,
+    )
+    assert again.http_status is None
+    assert again.api_error is None
+    assert again.failed_at.tzinfo is not None
+
+
+def test_dead_letter_from_an_api_error() -> None:
+    exc = error_from_response(
+        endpoint="submit",
+        status_code=400,
+        headers={"x-request-id": "api-req-1"},
+        content=json.dumps(
+            {
+                "message": "Validation error",
+                "errors": ["document_type_code is unknown"],
+                "echo": {"image_url": "https://x.example/a.pdf"},
+            }
+        ).encode(),
+        form="url",
+    )
+    letter = build_dead_letter(
+        reason=DeadLetterReason.INVALID_REQUEST,
+        message=f"DocuTray refused the request: {describe_error(exc)}",
+        original=_original(),
+        request_id="req-1",
+        document_type_code="invoice",
+        error=exc,
+        conversion_id=None,
+        attempts=1,
+        received_at=T0,
+    )
+    assert letter.http_status == 400
+    assert letter.api_error == {
+        "message": "Validation error",
+        "errors": ["document_type_code is unknown"],
+    }
+    assert letter.attempts == 1
+    assert letter.received_at == T0
+    assert letter.document_type_code == "invoice"
+
+
+def test_api_key_echoed_by_the_api_never_reaches_a_dead_letter() -> None:
+    exc = error_from_response(
+        endpoint="submit",
+        status_code=400,
+        headers={},
+        content=json.dumps(
+            {"message": f"Bad key {API_KEY}", "errors": [f"key {API_KEY}"], "apiKey": API_KEY}
+        ).encode(),
+        secrets=[API_KEY],
+    )
+    letter = build_dead_letter(
+        reason=DeadLetterReason.INVALID_REQUEST,
+        message=describe_error(exc),
+        original=_original(),
+        request_id="req-1",
+        error=exc,
+    )
+    text = letter.model_dump_json()
+    assert API_KEY not in text
+    assert API_KEY not in describe_error(exc)
+    assert "Bad key" in text
+
+
+def test_build_result_from_a_successful_status() -> None:
+    done = T0 + timedelta(seconds=9)
+    status = ConversionStatus(
+        conversion_id="cm5vm9hx30001m5cgh0p9v8qa",
+        status="SUCCESS",
+        response_timestamp=done,
+        original_filename="invoice.pdf",
+        data={"invoice_number": "INV-2024-001", "total": 1160},
+    )
+    result = build_result(
+        request_id="req-1",
+        status=status,
+        document_type_code="invoice",
+        metadata={"customer": "acme"},
+        filename="invoice.pdf",
+        received_at=T0,
+        submitted_at=T0 + timedelta(seconds=1),
+        status_calls=2,
+        submit_attempts=1,
+    )
+    assert result.conversion_id == "cm5vm9hx30001m5cgh0p9v8qa"
+    assert result.data == {"invoice_number": "INV-2024-001", "total": 1160}
+    assert result.metadata == {"customer": "acme"}
+    assert result.original_filename == "invoice.pdf"
+    assert result.timings.completed_at == done
+    assert result.timings.status_calls == 2
+    assert result.timings.submit_attempts == 1
+    assert result.timings.published_at >= result.timings.received_at
+
+
+def test_build_result_without_data_or_timestamp() -> None:
+    status = ConversionStatus(conversion_id="c-2", status="SUCCESS")
+    result = build_result(
+        request_id="req-2",
+        status=status,
+        document_type_code="receipt",
+        metadata=None,
+        filename=None,
+        received_at=T0,
+        submitted_at=None,
+        status_calls=1,
+        submit_attempts=1,
+    )
+    assert result.data == {}
+    assert result.timings.completed_at is not None
+    assert result.timings.completed_at.tzinfo is not None
+
+
+# --------------------------------------------------------------------------- describe_error
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (
+            rejected("invalid_request", 400, "Validation error"),
+            "RequestRejected: HTTP 400 Validation error",
+        ),
+        (
+            ApiTimeout(
+                "DocuTray submit timed out (ReadTimeout)", maybe_processed=True, endpoint="submit"
+            ),
+            "ApiTimeout: DocuTray submit timed out (ReadTimeout)",
+        ),
+        (
+            ServerError("DocuTray status HTTP 502", endpoint="status", status_code=502),
+            "ServerError: HTTP 502 DocuTray status HTTP 502",
+        ),
+        (
+            FetchError("source answered HTTP 404", reason="source_unavailable", status_code=404),
+            "FetchError: HTTP 404 source answered HTTP 404",
+        ),
+        (ValueError(), "ValueError"),
+        (RuntimeError("boom"), "RuntimeError: boom"),
+    ],
+    ids=["rejected", "timeout", "server", "fetch", "bare", "plain"],
+)
+def test_describe_error(exc: BaseException, expected: str) -> None:
+    assert describe_error(exc) == expected

@@ -1,0 +1,244 @@
+"""The in-process limiter (no Redis): pacing, shares, deadlines, 429 feedback, close."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from service.ratelimit import (
+    AimdParams,
+    Budget,
+    Limiter,
+    LimiterClosed,
+    LimiterTimeout,
+    build_limiter,
+)
+from service.ratelimit.policy import gcra_shape
+
+
+def local_limiter(
+    rate: float = 3000.0,
+    *,
+    shared: bool = False,
+    burst: int = 5,
+    events: list[tuple[str, dict[str, Any]]] | None = None,
+    **kwargs: Any,
+) -> Limiter:
+    return build_limiter(
+        redis_url=None,
+        submit_rate_per_minute=rate,
+        status_rate_per_minute=rate,
+        shared_budget=shared,
+        burst=burst,
+        expected_replicas=3,
+        key_prefix="unused:",
+        on_event=(lambda e, f: events.append((e, f))) if events is not None else None,
+        **kwargs,
+    )
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    ordered = sorted(times)
+    best = first = 0
+    for last, t in enumerate(ordered):
+        while t - ordered[first] > window:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+async def grant_times(limiter: Limiter, budget: Budget, n: int) -> list[float]:
+    times: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire(budget)
+        times.append(time.monotonic())
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return times
+
+
+async def test_permits_come_as_a_burst_then_at_the_sustained_rate() -> None:
+    limiter = local_limiter(3000.0, burst=5)
+    interval, burst = gcra_shape(3000.0, 5)
+    try:
+        start = time.monotonic()
+        times = await grant_times(limiter, "submit", 55)
+    finally:
+        await limiter.close()
+    elapsed = max(times) - start
+    assert sum(1 for t in times if t - start < 0.005) == 5
+    assert elapsed == pytest.approx(50 * interval, abs=0.05)
+    assert max_in_window(times, 0.2) <= int(0.2 / interval) + burst + 1
+
+
+async def test_budgets_are_independent_unless_shared() -> None:
+    limiter = local_limiter(600.0, burst=1)
+    try:
+        await limiter.acquire("submit")
+        start = time.monotonic()
+        await limiter.acquire("status")  # its own budget: no wait
+        assert time.monotonic() - start < 0.02
+    finally:
+        await limiter.close()
+    shared = local_limiter(600.0, burst=1, shared=True)
+    try:
+        await shared.acquire("submit")
+        waited = await shared.acquire("status")  # the same budget: one interval
+        assert waited == pytest.approx(gcra_shape(600.0, 1)[0], abs=0.02)
+    finally:
+        await shared.close()
+
+
+@pytest.mark.parametrize(("flood", "few"), [("submit", "status"), ("status", "submit")])
+async def test_a_flood_of_one_class_does_not_starve_the_other(flood: Budget, few: Budget) -> None:
+    limiter = local_limiter(12000.0, shared=True, burst=5)
+    order: list[Budget] = []
+
+    async def one(budget: Budget) -> None:
+        await limiter.acquire(budget)
+        order.append(budget)
+
+    try:
+        floods = [asyncio.create_task(one(flood)) for _ in range(200)]
+        await asyncio.sleep(0)  # the flood queues first
+        fews = [asyncio.create_task(one(few)) for _ in range(20)]
+        await asyncio.gather(*floods, *fews)
+    finally:
+        await limiter.close()
+    last_few = max(i for i, b in enumerate(order) if b == few)
+    # With a 50 % share the 20 get every other permit: all done within ~45 grants, not ~220.
+    assert last_few < 50, order[:60]
+    assert order[:50].count(flood) >= 25  # and the flood keeps its half meanwhile
+
+
+async def test_a_deadline_that_cannot_be_met_fails_at_once() -> None:
+    limiter = local_limiter(600.0)
+    try:
+        await limiter.on_rate_limited("submit", retry_after_s=5.0)
+        start = time.monotonic()
+        with pytest.raises(LimiterTimeout):
+            await limiter.acquire("submit", deadline=start + 1.0)
+        assert time.monotonic() - start < 0.05
+    finally:
+        await limiter.close()
+
+
+async def test_a_waiter_gives_up_at_its_deadline_and_not_later() -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    limiter = local_limiter(60.0, burst=1, events=events)  # one permit per second
+    try:
+        await limiter.acquire("status")
+        queued = asyncio.create_task(limiter.acquire("status"))  # takes the next permit
+        await asyncio.sleep(0)
+        start = time.monotonic()
+        with pytest.raises(LimiterTimeout):
+            await limiter.acquire("status", deadline=start + 0.3)
+        assert time.monotonic() - start == pytest.approx(0.3, abs=0.05)
+        await queued
+        assert ("timeout", {"budget": "status"}) in events
+    finally:
+        await limiter.close()
+
+
+async def test_a_cancelled_waiter_does_not_strand_its_permit() -> None:
+    limiter = local_limiter(120.0, burst=1)  # one permit per ~0.5 s
+    try:
+        await limiter.acquire("submit")
+        first = asyncio.create_task(limiter.acquire("submit"))
+        second = asyncio.create_task(limiter.acquire("submit"))
+        await asyncio.sleep(0.05)  # wait-ok: both queued, the dispatcher holds one reservation
+        first.cancel()
+        start = time.monotonic()
+        await second  # gets the permit `first` would have had
+        assert time.monotonic() - start < 0.6
+    finally:
+        await limiter.close()
+
+
+async def test_429_blocks_the_budget_and_lowers_the_rate() -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    limiter = local_limiter(1200.0, events=events)
+    try:
+        await limiter.acquire("submit")
+        with capture_logs() as logs:
+            await limiter.on_rate_limited("submit", retry_after_s=0.4)
+        assert limiter.effective_rate_per_minute("submit") == pytest.approx(840.0)
+        assert limiter.configured_rate_per_minute("submit") == 1200.0
+        assert limiter.effective_rate_per_minute("status") == 1200.0
+        assert limiter.describe()["budgets"]["submit"]["blocked_for_s"] > 0.3
+        start = time.monotonic()
+        await limiter.acquire("submit")
+        assert time.monotonic() - start == pytest.approx(0.4, abs=0.05)
+        start = time.monotonic()
+        await limiter.acquire("status")  # a separate budget is not blocked
+        assert time.monotonic() - start < 0.02
+    finally:
+        await limiter.close()
+    assert logs[0]["event"] == "api_rate_limited"
+    assert ("effective_rate", {"budget": "submit", "per_minute": pytest.approx(840.0)}) in events
+    assert (
+        "rate_limited",
+        {"budget": "submit", "hold_s": 0.4, "decreased": True},
+    ) in events
+
+
+async def test_successes_raise_the_rate_back_but_never_above_configured() -> None:
+    params = AimdParams(increase_interval_s=0.02, increase_fraction=0.1, min_decrease_gap_s=0.0)
+    limiter = local_limiter(6000.0, params=params)
+    try:
+        await limiter.on_rate_limited("submit", retry_after_s=0.01)
+        assert limiter.effective_rate_per_minute("submit") == pytest.approx(4200.0)
+        deadline = time.monotonic() + 5.0
+        while limiter.effective_rate_per_minute("submit") < 6000.0:
+            assert time.monotonic() < deadline, limiter.describe()
+            await limiter.acquire("submit")
+            limiter.on_success("submit")
+        assert limiter.effective_rate_per_minute("submit") == 6000.0
+        for _ in range(20):
+            await limiter.acquire("submit")
+            limiter.on_success("submit")
+        assert limiter.effective_rate_per_minute("submit") == 6000.0
+    finally:
+        await limiter.close()
+
+
+async def test_close_fails_waiters_and_later_calls() -> None:
+    limiter = local_limiter(60.0, burst=1)
+    await limiter.acquire("submit")
+    waiting = asyncio.create_task(limiter.acquire("submit"))
+    await asyncio.sleep(0.02)  # wait-ok: let it queue
+    await limiter.close()
+    with pytest.raises(LimiterClosed):
+        await waiting
+    with pytest.raises(LimiterClosed):
+        await limiter.acquire("submit")
+
+
+def test_describe_reports_mode_and_rates_without_secrets() -> None:
+    limiter = build_limiter(
+        redis_url="redis://:s3cret-pass@127.0.0.1:1/0",
+        submit_rate_per_minute=60.0,
+        status_rate_per_minute=120.0,
+        shared_budget=False,
+        burst=5,
+        expected_replicas=2,
+        key_prefix="x:",
+    )
+    details = limiter.describe()
+    assert details["mode"] == "redis"
+    assert details["degraded"] is False
+    assert details["budgets"]["status"]["configured_per_minute"] == 120.0
+    assert "s3cret" not in repr(details)
+    assert local_limiter().describe()["mode"] == "local"
+
+
+def test_bad_settings_are_rejected() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        local_limiter(0.0)
+    with pytest.raises(ValueError, match="status_share"):
+        local_limiter(60.0, status_share=1.0)

@@ -1,0 +1,451 @@
+"""The local stack is real: transactions, fencing, compaction and SASL on the Kafka broker, Lua and
+ACLs on Redis, and scripts/stack itself (idempotent up, restart keeping data, down leaving no
+process behind)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import redis
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+
+from tests.fixtures.stack import (
+    STACK_SCRIPT,
+    consume_all,
+    parse_env_file,
+    stack_ctl,
+    wait_for,
+)
+
+MAKE_TOPIC = Callable[..., str]
+UNIQUE_ID = Callable[..., str]
+
+
+# --------------------------------------------------------------------------- Kafka
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for i, value in enumerate(values):
+        producer.produce(topic, value=value, key=f"k{i}".encode())
+    assert producer.flush(30) == 0
+
+
+def _create_topic(bootstrap: str, name: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    topic = NewTopic(name, num_partitions=1, replication_factor=1)
+    admin.create_topics([topic])[name].result(timeout=30)
+
+
+def _consume_n(consumer: Consumer, count: int, timeout_s: float = 30.0) -> list[Any]:
+    got: list[Any] = []
+
+    def enough() -> bool:
+        msg = consumer.poll(0.2)
+        if msg is not None:
+            if msg.error() is not None:
+                raise KafkaException(msg.error())
+            got.append(msg)
+        return len(got) >= count
+
+    wait_for(enough, timeout_s, interval_s=0, message=f"{count} records from the group consumer")
+    return got
+
+
+def _committed_total(consumer: Consumer, topic: str, partitions: int) -> int:
+    committed = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], 10)
+    return sum(max(tp.offset, 0) for tp in committed)
+
+
+def test_transaction_commits_records_with_offsets_and_abort_stays_invisible(
+    kafka_bootstrap: str, make_topic: MAKE_TOPIC, unique_id: UNIQUE_ID
+) -> None:
+    source = make_topic("tx-in")
+    sink = make_topic("tx-out")
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "group.id": unique_id("tx-group"),
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": unique_id("tx")})
+    try:
+        consumer.subscribe([source])
+        producer.init_transactions(30)
+
+        # Committed: 6 records consumed, 6 written, offsets moved with them.
+        _produce(kafka_bootstrap, source, [f"in-{i}".encode() for i in range(6)])
+        inputs = _consume_n(consumer, 6)
+        producer.begin_transaction()
+        for msg in inputs:
+            producer.produce(sink, key=msg.key(), value=b"out-" + msg.value())
+        producer.send_offsets_to_transaction(
+            consumer.position(consumer.assignment()), consumer.consumer_group_metadata(), 30
+        )
+        producer.commit_transaction(30)
+
+        committed_values = sorted(r.value or b"" for r in consume_all(kafka_bootstrap, sink))
+        assert committed_values == sorted(f"out-in-{i}".encode() for i in range(6))
+        assert _committed_total(consumer, source, 3) == 6
+
+        # Aborted: 3 more consumed and written, then abort: neither records nor offsets count.
+        _produce(kafka_bootstrap, source, [f"late-{i}".encode() for i in range(3)])
+        late = _consume_n(consumer, 3)
+        producer.begin_transaction()
+        for msg in late:
+            producer.produce(sink, key=msg.key(), value=b"aborted-" + msg.value())
+        producer.send_offsets_to_transaction(
+            consumer.position(consumer.assignment()), consumer.consumer_group_metadata(), 30
+        )
+        # Flush first: abort purges records still queued, and this test wants them written.
+        assert producer.flush(30) == 0
+        producer.abort_transaction(30)
+
+        visible = [r.value or b"" for r in consume_all(kafka_bootstrap, sink)]
+        assert sorted(visible) == committed_values
+        written = consume_all(kafka_bootstrap, sink, isolation="read_uncommitted")
+        assert sum(1 for r in written if (r.value or b"").startswith(b"aborted-")) == 3
+        assert _committed_total(consumer, source, 3) == 6
+    finally:
+        consumer.close()
+
+
+def test_newer_transactional_producer_fences_the_older(
+    kafka_bootstrap: str, make_topic: MAKE_TOPIC, unique_id: UNIQUE_ID
+) -> None:
+    topic = make_topic("fence")
+    transactional_id = unique_id("fence-tx")
+    quiet = {"log_level": 0}  # the fenced instance logs its fatal error; expected here
+    zombie = Producer(
+        {"bootstrap.servers": kafka_bootstrap, "transactional.id": transactional_id, **quiet}
+    )
+    zombie.init_transactions(30)
+    zombie.begin_transaction()
+    zombie.produce(topic, value=b"zombie")
+    zombie.flush(10)
+
+    successor = Producer(
+        {"bootstrap.servers": kafka_bootstrap, "transactional.id": transactional_id}
+    )
+    successor.init_transactions(30)
+
+    with pytest.raises(KafkaException) as excinfo:
+        zombie.commit_transaction(30)
+    error = excinfo.value.args[0]
+    assert error.fatal()
+    assert error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)
+
+    successor.begin_transaction()
+    successor.produce(topic, value=b"successor")
+    successor.commit_transaction(30)
+    assert [r.value for r in consume_all(kafka_bootstrap, topic)] == [b"successor"]
+
+
+def _topic_config(admin: AdminClient, topic: str) -> dict[str, str]:
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    entries = admin.describe_configs([resource])[resource].result(timeout=30)
+    return {name: entry.value for name, entry in entries.items()}
+
+
+def test_compacted_topic_is_created_through_admin_client(
+    kafka_admin: AdminClient, make_topic: MAKE_TOPIC
+) -> None:
+    compacted = make_topic("pending", config={"cleanup.policy": "compact"})
+    plain = make_topic("plain")
+    assert _topic_config(kafka_admin, compacted)["cleanup.policy"] == "compact"
+    assert _topic_config(kafka_admin, plain)["cleanup.policy"] == "delete"
+
+
+def test_broker_accepts_documents_up_to_20_mb(
+    kafka_bootstrap: str, kafka_admin: AdminClient, make_topic: MAKE_TOPIC
+) -> None:
+    topic = make_topic("big", partitions=1)
+    assert _topic_config(kafka_admin, topic)["max.message.bytes"] == "20971520"
+    big = os.urandom(15 * 1024 * 1024)
+    results: list[KafkaError | None] = []
+    producer = Producer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "message.max.bytes": 30 * 1024 * 1024,
+            "compression.type": "none",
+        }
+    )
+    producer.produce(topic, value=big, on_delivery=lambda err, _msg: results.append(err))
+    producer.produce(
+        topic, value=os.urandom(21 * 1024 * 1024), on_delivery=lambda e, _m: results.append(e)
+    )
+    assert producer.flush(60) == 0
+    assert results[0] is None
+    assert results[1] is not None
+    assert results[1].code() == KafkaError.MSG_SIZE_TOO_LARGE
+    [record] = consume_all(kafka_bootstrap, topic)
+    assert record.value == big
+
+
+def test_sasl_scram_listener_accepts_the_stack_user_and_rejects_a_bad_password(
+    stack_env: dict[str, str], make_topic: MAKE_TOPIC
+) -> None:
+    if "STACK_KAFKA_SASL_BOOTSTRAP" not in stack_env:
+        pytest.skip("Kafka is external (KAFKA_BOOTSTRAP_SERVERS) and has no stack SASL listener")
+    topic = make_topic("sasl")
+    sasl: dict[str, str | int | float | bool] = {
+        "bootstrap.servers": stack_env["STACK_KAFKA_SASL_BOOTSTRAP"],
+        "security.protocol": "SASL_PLAINTEXT",
+        "sasl.mechanism": stack_env["STACK_KAFKA_SASL_MECHANISM"],
+        "sasl.username": stack_env["STACK_KAFKA_SASL_USERNAME"],
+        "sasl.password": stack_env["STACK_KAFKA_SASL_PASSWORD"],
+    }
+    assert topic in AdminClient(sasl).list_topics(timeout=10).topics
+
+    errors: list[KafkaError] = []
+    bad = Producer(
+        {**sasl, "sasl.password": "wrong-password", "log_level": 0, "error_cb": errors.append}
+    )
+
+    def authentication_failed() -> bool:
+        bad.poll(0.1)
+        return any(e.code() == KafkaError._AUTHENTICATION for e in errors)
+
+    wait_for(authentication_failed, 15.0, message="SASL authentication error for a bad password")
+
+
+# --------------------------------------------------------------------------- Redis
+
+INCR_BY_SCRIPT = """
+-- {tag}
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], 60)
+return value
+"""
+
+
+def test_redis_lua_script_round_trip_with_noscript_fallback(
+    redis_url: str, unique_id: UNIQUE_ID
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    key = unique_id("lua")
+    # A script text no one has loaded yet (the tag makes it unique), so EVALSHA must miss.
+    script = INCR_BY_SCRIPT.format(tag=unique_id("script"))
+    sha = hashlib.sha1(script.encode()).hexdigest()  # Redis names scripts by SHA1
+    try:
+        with pytest.raises(redis.exceptions.NoScriptError):
+            client.evalsha(sha, 1, key, 5)
+        assert client.eval(script, 1, key, 5) == 5  # the fallback, which also caches it
+        assert client.script_load(script) == sha
+        assert client.script_exists(sha) == [True]
+        assert client.evalsha(sha, 1, key, 2) == 7
+        assert client.get(key) == b"7"
+    finally:
+        client.delete(key)
+        client.close()
+
+
+def test_redis_acl_user_needs_its_password(stack_env: dict[str, str], redis_url: str) -> None:
+    if "STACK_REDIS_AUTH_URL" not in stack_env:
+        pytest.skip("Redis is external (REDIS_URL) and has no stack ACL user")
+    auth_url = stack_env["STACK_REDIS_AUTH_URL"]
+    with redis.Redis.from_url(auth_url) as client:
+        assert client.ping()
+        assert client.acl_whoami() == "bridge"
+    password = auth_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    with (
+        redis.Redis.from_url(auth_url.replace(password, "not-the-password")) as wrong,
+        pytest.raises(redis.exceptions.AuthenticationError),
+    ):
+        wrong.ping()
+    with redis.Redis.from_url(redis_url) as anonymous:
+        assert anonymous.acl_whoami() == "default"
+
+
+# --------------------------------------------------------------------------- scripts/stack
+
+
+def _load_stack_module() -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader("stack_script", str(STACK_SCRIPT))
+    spec = importlib.util.spec_from_loader("stack_script", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stack_script"] = module  # dataclasses resolve annotations through it
+    loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def stack_module() -> ModuleType:
+    return _load_stack_module()
+
+
+def test_cluster_id_is_22_chars_of_base64url_for_16_bytes(stack_module: ModuleType) -> None:
+    for _ in range(200):
+        cluster_id = stack_module.new_cluster_id()
+        assert len(cluster_id) == 22
+        assert not cluster_id.startswith("-")
+        assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+
+
+def test_server_properties_make_transactions_work_on_one_node(
+    stack_module: ModuleType, tmp_path: Path
+) -> None:
+    text = stack_module.render_server_properties(
+        port=1, controller_port=2, sasl_port=3, data_dir=tmp_path
+    )
+    settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    for key in (
+        "offsets.topic.replication.factor",
+        "transaction.state.log.replication.factor",
+        "transaction.state.log.min.isr",
+        "share.coordinator.state.topic.replication.factor",
+        "share.coordinator.state.topic.min.isr",
+    ):
+        assert settings[key] == "1", key
+    assert settings["auto.create.topics.enable"] == "false"
+    assert settings["group.initial.rebalance.delay.ms"] == "0"
+    assert settings["message.max.bytes"] == "20971520"
+    assert settings["controller.quorum.bootstrap.servers"] == "127.0.0.1:2"
+    assert "SASL_PLAINTEXT://127.0.0.1:3" in settings["listeners"]
+
+
+def test_a_port_override_conflicting_with_the_set_up_stack_is_refused(
+    stack_module: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STACK_REDIS_PORT", "20000")
+    assert stack_module.choose_port("STACK_REDIS_PORT", None) == 20000
+    assert stack_module.choose_port("STACK_REDIS_PORT", 20000) == 20000
+    with pytest.raises(stack_module.StackError, match="set up with 16379"):
+        stack_module.choose_port("STACK_REDIS_PORT", 16379)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture
+def isolated_stack(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for a second, independent stack in tmp_path on free ports; torn down after."""
+    kafka, controller, sasl, redis_port = _free_ports(4)
+    env = {
+        **os.environ,
+        "STACK_DIR": str(tmp_path / "stack"),
+        "STACK_KAFKA_PORT": str(kafka),
+        "STACK_KAFKA_CONTROLLER_PORT": str(controller),
+        "STACK_KAFKA_SASL_PORT": str(sasl),
+        "STACK_REDIS_PORT": str(redis_port),
+    }
+    yield env
+    stack_ctl("down", "--wipe", env=env, check=False)
+
+
+def _status(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    result = stack_ctl("status", "--json", env=env, check=False)
+    return result.returncode, json.loads(result.stdout)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")  # zombie: dead, awaiting reaping
+
+
+def test_isolated_stack_up_is_idempotent_restart_keeps_data_and_down_leaves_nothing(
+    isolated_stack: dict[str, str],
+) -> None:
+    env = isolated_stack
+    started = time.monotonic()
+    stack_ctl("up", env=env)
+    cold_up_s = time.monotonic() - started
+
+    code, status = _status(env)
+    assert code == 0
+    pids = {name: status[name]["pid"] for name in ("kafka", "redis")}
+    assert status["kafka"]["address"] == f"127.0.0.1:{env['STACK_KAFKA_PORT']}"
+    text = stack_ctl("status", env=env).stdout
+    assert f"kafka  running  pid {pids['kafka']}  127.0.0.1:{env['STACK_KAFKA_PORT']}" in text
+    assert f"redis  running  pid {pids['redis']}  127.0.0.1:{env['STACK_REDIS_PORT']}" in text
+
+    started = time.monotonic()
+    again = stack_ctl("up", env=env)
+    warm_up_s = time.monotonic() - started
+    assert "already running" in again.stderr
+    assert {name: _status(env)[1][name]["pid"] for name in pids} == pids
+    print(f"isolated stack: cold up {cold_up_s:.1f} s, warm up {warm_up_s:.2f} s")
+
+    settings = parse_env_file(Path(env["STACK_DIR"]) / "env")
+    assert settings["KAFKA_BOOTSTRAP_SERVERS"] == f"127.0.0.1:{env['STACK_KAFKA_PORT']}"
+    assert settings["REDIS_URL"] == f"redis://127.0.0.1:{env['STACK_REDIS_PORT']}/0"
+    assert oct(os.stat(Path(env["STACK_DIR"]) / "env").st_mode & 0o777) == "0o600"
+
+    # Restarting Redis: a new process with the same ACL user.
+    stack_ctl("restart", "redis", env=env)
+    new_redis_pid = _status(env)[1]["redis"]["pid"]
+    assert new_redis_pid != pids["redis"]
+    assert _process_gone(pids["redis"])
+    with redis.Redis.from_url(settings["STACK_REDIS_AUTH_URL"]) as client:
+        assert client.acl_whoami() == "bridge"
+
+    # Restarting Kafka keeps topics and records.
+    bootstrap = settings["KAFKA_BOOTSTRAP_SERVERS"]
+    _create_topic(bootstrap, "kept")
+    _produce(bootstrap, "kept", [b"before-restart"])
+    stack_ctl("restart", "kafka", env=env)
+    new_kafka_pid = _status(env)[1]["kafka"]["pid"]
+    assert new_kafka_pid != pids["kafka"]
+    assert [r.value for r in consume_all(bootstrap, "kept")] == [b"before-restart"]
+
+    stack_ctl("down", env=env)
+    code, status = _status(env)
+    assert code == 3
+    assert not status["kafka"]["running"]
+    assert not status["redis"]["running"]
+    for pid in (*pids.values(), new_redis_pid, new_kafka_pid):
+        assert _process_gone(pid), pid
+    for port in ("STACK_KAFKA_PORT", "STACK_REDIS_PORT"):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(env[port])), 1).close()
+
+
+def test_up_fails_with_one_line_reason_when_a_port_is_taken(
+    isolated_stack: dict[str, str],
+) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", int(isolated_stack["STACK_REDIS_PORT"])))
+        squatter.listen()
+        result = stack_ctl("start", "redis", env=isolated_stack, check=False)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("stack: error: ")
+    assert f"127.0.0.1:{isolated_stack['STACK_REDIS_PORT']} is already in use" in last
+
+
+def test_wait_for_reports_the_message_and_last_error_on_deadline() -> None:
+    def failing() -> bool:
+        raise ValueError("still broken")
+
+    with pytest.raises(AssertionError, match=r"thing happened within 0\.1 s.*still broken"):
+        wait_for(failing, 0.1, interval_s=0.01, message="thing happened")
+    assert wait_for(lambda: 42, 1.0) == 42
