@@ -23,12 +23,19 @@ import socket
 import time
 from collections.abc import Generator
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 import uvicorn
 
 from service import __version__, metrics
-from service.config import Settings, kafka_common_config, kafka_passthrough, redacted
+from service.config import (
+    Settings,
+    is_secret_property,
+    kafka_common_config,
+    kafka_passthrough,
+    redacted,
+)
 from service.docutray import DocuTrayClient
 from service.health import Probe, create_ops_app, liveness, readiness
 from service.kafkaio import KafkaIO, KafkaSettings, ensure_topics
@@ -90,7 +97,15 @@ async def run_bridge(settings: Settings) -> int:
     api_key = settings.docutray_api_key.get_secret_value()
     redis_url = settings.redis
     passthrough = kafka_passthrough()
-    register_secrets([api_key, redis_url, *passthrough.values()])
+    redis_password = urlsplit(redis_url).password if redis_url else None
+    register_secrets(
+        [
+            api_key,
+            redis_url,
+            redis_password,
+            *(v for k, v in passthrough.items() if is_secret_property(k)),
+        ]
+    )
     metrics.init_series()
     ks = kafka_settings(settings)
     log.info(

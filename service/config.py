@@ -18,6 +18,7 @@ echoed.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -28,6 +29,12 @@ from service.errors import BridgeError
 
 #: Variables that are ours and must not be passed to librdkafka.
 _KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS"})
+#: Variables others set that are not librdkafka properties: Kubernetes service links for a
+#: Service named `kafka` (KAFKA_PORT, KAFKA_SERVICE_HOST, KAFKA_PORT_9092_TCP_ADDR...) and the
+#: Kafka distribution's own JVM settings.
+_KAFKA_FOREIGN = re.compile(
+    r"^KAFKA_(PORT(_.*)?|SERVICE_.*|HEAP_OPTS|OPTS|JVM_.*|JMX_.*|LOG4J_.*|GC_.*)$"
+)
 #: Fragments that mark a librdkafka property (or any setting) as secret.
 SECRET_MARKERS = ("password", "secret", "key", "token", "credential", "jaas")
 
@@ -126,7 +133,7 @@ class Settings(BaseSettings):
         default=10_000, ge=1, validation_alias=AliasChoices("BRIDGE_MAX_PENDING")
     )
     max_inflight_submits: int = Field(
-        default=64, ge=1, validation_alias=AliasChoices("BRIDGE_MAX_INFLIGHT_SUBMITS")
+        default=256, ge=1, validation_alias=AliasChoices("BRIDGE_MAX_INFLIGHT_SUBMITS")
     )
     max_inflight_polls: int = Field(
         default=64, ge=1, validation_alias=AliasChoices("BRIDGE_MAX_INFLIGHT_POLLS")
@@ -220,7 +227,7 @@ class Settings(BaseSettings):
         default="info", validation_alias=AliasChoices("BRIDGE_LOG_LEVEL")
     )
     heartbeat_timeout_s: float = Field(
-        default=30.0, gt=0, validation_alias=AliasChoices("BRIDGE_HEARTBEAT_TIMEOUT_S")
+        default=180.0, gt=0, validation_alias=AliasChoices("BRIDGE_HEARTBEAT_TIMEOUT_S")
     )
     instance_id: str = Field(
         default="",
@@ -251,6 +258,8 @@ def kafka_passthrough(environ: Mapping[str, str] | None = None) -> dict[str, str
     for name, value in env.items():
         upper = name.upper()
         if not upper.startswith("KAFKA_") or upper in _KAFKA_RESERVED:
+            continue
+        if _KAFKA_FOREIGN.match(upper):
             continue
         prop = upper[len("KAFKA_") :].lower().replace("__", "\0").replace("_", ".")
         out[prop.replace("\0", "_")] = value

@@ -126,6 +126,14 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _describe_validation(exc: ValidationError) -> tuple[DeadLetterReason, str]:
     parts: list[str] = []
     reason = DeadLetterReason.INVALID_REQUEST
@@ -204,6 +212,12 @@ def parse_record(
         return Rejected(
             DeadLetterReason.MALFORMED_RECORD,
             f"record value is JSON {type(raw).__name__}, expected an object",
+            key_id,
+        )
+    if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(raw):
+        return Rejected(
+            DeadLetterReason.MALFORMED_RECORD,
+            "record value has a lone UTF-16 surrogate escape (\\udXXX): not valid Unicode text",
             key_id,
         )
     rid = raw.get("request_id")

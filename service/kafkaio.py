@@ -120,7 +120,13 @@ class KafkaSettings:
 class EngineHooks:
     """What the Kafka thread tells the asyncio engine (each runs in the event loop)."""
 
-    def adopt(self, partition: int, epoch: int, records: dict[str, PendingRecord]) -> None:
+    def adopt(
+        self,
+        partition: int,
+        epoch: int,
+        records: dict[str, PendingRecord],
+        parsed: Accepted | None = None,
+    ) -> None:
         """Take over the pending entries of a partition (after restore, or newly accepted)."""
         raise NotImplementedError
 
@@ -500,8 +506,10 @@ class KafkaIO:
         value = record.model_dump_json().encode()
         hooks = self._hooks
 
-        def adopt(p: int = partition, e: int = epoch, r: PendingRecord = record) -> None:
-            hooks.adopt(p, e, {r.request_id: r})
+        def adopt(
+            p: int = partition, e: int = epoch, r: PendingRecord = record, v: Accepted = verdict
+        ) -> None:
+            hooks.adopt(p, e, {r.request_id: r}, v)
 
         self._batch.append(
             Effect(

@@ -46,7 +46,11 @@ def _scrub_value(value: Any) -> Any:
         return {k: _scrub_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(_scrub_value(v) for v in value)
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    # Anything else (exceptions, bytes, objects) is printed through str/repr: check that text.
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else repr(value)
+    return scrub(text) if any(secret in text for secret in _secrets) else value
 
 
 def _scrub_processor(
@@ -78,7 +82,8 @@ def configure_logging(
     renderer: Any
     if use_console:
         renderer = structlog.dev.ConsoleRenderer(colors=True)
-        tail: list[Any] = [_scrub_processor, renderer]
+        # Exceptions are formatted to text first, so the scrubber sees the traceback too.
+        tail: list[Any] = [structlog.processors.format_exc_info, _scrub_processor, renderer]
     else:
         renderer = structlog.processors.JSONRenderer()
         tail = [

@@ -18,7 +18,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -78,6 +85,14 @@ class DocumentSource(_Model):
             description="MIME type of the document; required with `base64` unless it is a data URI.",
         ),
     ] = None
+
+    @field_validator("content_type", mode="before")
+    @classmethod
+    def _normalise_content_type(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return {"image/jpg": "image/jpeg", "image/x-ms-bmp": "image/bmp"}.get(value, value)
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DocumentSource:

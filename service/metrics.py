@@ -39,7 +39,13 @@ PENDING_STATES: Final = ("queued", "submitting", "submitted")
 BUDGETS: Final = ("submit", "status")
 TXN_OUTCOMES: Final = ("committed", "aborted")
 RESUBMIT_REASONS: Final = ("recovery", "conversion_lost")
-PAUSE_REASONS: Final = ("invalid_api_key", "api_unreachable", "backpressure", "shutdown")
+PAUSE_REASONS: Final = (
+    "invalid_api_key",
+    "api_misconfigured",
+    "api_unreachable",
+    "backpressure",
+    "shutdown",
+)
 # Kept in step with service.messages.DeadLetterReason (a test checks they agree).
 DEAD_LETTER_REASONS: Final = (
     "malformed_record",

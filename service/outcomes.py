@@ -32,7 +32,13 @@ from service.messages import (
 )
 
 Action = Literal["dead_letter", "retry", "pause", "resubmit"]
-PauseReason = Literal["invalid_api_key", "api_unreachable"]
+PauseReason = Literal["invalid_api_key", "api_misconfigured", "api_unreachable"]
+#: Pause reasons the systemic probe clears when DocuTray answers again.
+SYSTEMIC_PAUSES: tuple[PauseReason, ...] = (
+    "invalid_api_key",
+    "api_misconfigured",
+    "api_unreachable",
+)
 
 #: Keys of API error bodies that are safe to copy into a dead letter.
 _SAFE_BODY_KEYS = frozenset(
@@ -82,8 +88,8 @@ def classify_submit_error(exc: DocuTrayError | FetchError, *, url_timeouts: int)
         if exc.status_code == 408 and url_timeouts < 2:
             return Verdict("retry")
         return Verdict("dead_letter", _reason(exc.reason))
-    if isinstance(exc, InvalidApiKey | SystemicError):
-        return Verdict("pause", pause="invalid_api_key")
+    if isinstance(exc, SystemicError):
+        return _systemic(exc)
     if isinstance(exc, RateLimited):
         return Verdict("retry", retry_after_s=exc.retry_after_s)
     if isinstance(exc, TransientError):
@@ -97,11 +103,18 @@ def classify_status_error(exc: DocuTrayError) -> Verdict:
     """Decide what to do when a status call failed with `exc`."""
     if isinstance(exc, ConversionLost):
         return Verdict("resubmit")
-    if isinstance(exc, InvalidApiKey | SystemicError):
-        return Verdict("pause", pause="invalid_api_key")
+    if isinstance(exc, SystemicError):
+        return _systemic(exc)
     if isinstance(exc, RateLimited):
         return Verdict("retry", retry_after_s=exc.retry_after_s)
     return Verdict("retry", transport=isinstance(exc, TransientError))
+
+
+def _systemic(exc: SystemicError) -> Verdict:
+    """401 is a bad key; 403 on submit or an unexplained 404 mean a wrong base URL or plan."""
+    if isinstance(exc, InvalidApiKey):
+        return Verdict("pause", pause="invalid_api_key")
+    return Verdict("pause", pause="api_misconfigured")
 
 
 def safe_api_body(body: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from service.intake import Accepted, parse_record
+from service.intake import Accepted, Rejected, parse_record
 from service.messages import DocumentRequest, PendingRecord, PendingState
 
 log = structlog.get_logger(__name__)
@@ -84,12 +84,17 @@ def entry_from_record(
     epoch: int,
     max_request_bytes: int,
     max_document_bytes: int,
+    parsed: Accepted | None = None,
 ) -> Entry | None:
     """Rebuild a working entry from its changelog record (None if the stored request is unreadable)."""
-    raw = record.original.value.raw() if record.original.value is not None else None
-    verdict = parse_record(
-        raw, max_request_bytes=max_request_bytes, max_document_bytes=max_document_bytes
-    )
+    verdict: Accepted | Rejected
+    if parsed is not None:
+        verdict = parsed
+    else:
+        raw = record.original.value.raw() if record.original.value is not None else None
+        verdict = parse_record(
+            raw, max_request_bytes=max_request_bytes, max_document_bytes=max_document_bytes
+        )
     if not isinstance(verdict, Accepted):
         return None
     return Entry(

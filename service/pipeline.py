@@ -49,9 +49,11 @@ from service.docutray import (
     Submission,
 )
 from service.fetch import FetchError, fetch_document
+from service.intake import Accepted
 from service.kafkaio import Effect, EngineHooks, KafkaIO, OutRecord, StaleEffect
 from service.messages import DeadLetterReason, PendingRecord, utcnow
 from service.outcomes import (
+    SYSTEMIC_PAUSES,
     Verdict,
     build_dead_letter,
     build_result,
@@ -102,11 +104,23 @@ class Engine(EngineHooks):
         self._last_api_ok = time.monotonic()
         self._probe_task: asyncio.Task[None] | None = None
         self.heartbeat = time.monotonic()
+        self._gauges_dirty = True
+        self._gauges_at = 0.0
 
     # ---- hooks from the Kafka thread (run in the event loop) ----
 
-    def adopt(self, partition: int, epoch: int, records: dict[str, PendingRecord]) -> None:
-        """Take over pending entries: schedule each by its state."""
+    def adopt(
+        self,
+        partition: int,
+        epoch: int,
+        records: dict[str, PendingRecord],
+        parsed: Accepted | None = None,
+    ) -> None:
+        """Take over pending entries: schedule each by its state.
+
+        `parsed` is the request already judged by the Kafka thread (one new
+        record), so that it is not parsed twice.
+        """
         now_mono = time.monotonic()
         now = utcnow()
         for rid, record in records.items():
@@ -116,6 +130,7 @@ class Engine(EngineHooks):
                 epoch=epoch,
                 max_request_bytes=self._s.max_request_bytes,
                 max_document_bytes=self._s.max_document_bytes,
+                parsed=parsed,
             )
             if entry is None:
                 self._dead_letter_unreadable(partition, epoch, record)
@@ -181,17 +196,26 @@ class Engine(EngineHooks):
         return out
 
     def _update_gauges(self) -> None:
-        for state, n in self.counts().items():
-            metrics.PENDING.labels(state).set(n)
+        """Mark the pending gauges stale; the dispatcher refreshes them at most twice a second."""
+        self._gauges_dirty = True
+
+    def _refresh_gauges(self, now: float) -> None:
+        if self._gauges_dirty and now - self._gauges_at >= 0.5:
+            self._gauges_dirty = False
+            self._gauges_at = now
+            for state, n in self.counts().items():
+                metrics.PENDING.labels(state).set(n)
 
     # ---- the dispatcher ----
 
     async def run(self) -> None:
         """Dispatch due submits and polls until stopped."""
         while not self._stopping:
-            self.heartbeat = time.monotonic()
-            metrics.HEARTBEAT.set(time.time())
+            self._wake.clear()
             now = time.monotonic()
+            self.heartbeat = now
+            metrics.HEARTBEAT.set(time.time())
+            self._refresh_gauges(now)
             if not self._paused:
                 free = self._s.max_inflight_submits - len(self._submit_tasks)
                 if free > 0:
@@ -203,7 +227,6 @@ class Engine(EngineHooks):
                         self._spawn(self._poll_tasks, self._poll(key))
             nexts = [t for t in (self._submit_due.next_due_at(), self._poll_due.next_due_at()) if t]
             timeout = min([1.0, *[max(0.0, t - time.monotonic()) for t in nexts]])
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.002))
 
@@ -712,12 +735,15 @@ class Engine(EngineHooks):
         self._paused.add(reason)
         assert self.kafka is not None
         self.kafka.pause(reason)
-        action = (
-            "set a valid DOCUTRAY_API_KEY (the Secret) and restart, or wait: the bridge probes "
-            "and resumes by itself"
-            if reason == "invalid_api_key"
-            else "check DocuTray's status and the network path to DOCUTRAY_BASE_URL; "
-            "the bridge probes and resumes by itself"
+        action = {
+            "invalid_api_key": "set a valid DOCUTRAY_API_KEY (the Secret) and restart, or wait: "
+            "the bridge probes and resumes by itself",
+            "api_misconfigured": "check DOCUTRAY_BASE_URL and the key's permissions; the bridge "
+            "probes and resumes by itself",
+        }.get(
+            reason,
+            "check DocuTray's status and the network path to DOCUTRAY_BASE_URL; "
+            "the bridge probes and resumes by itself",
         )
         log.error("consumption_paused_systemic", reason=reason, error=detail, action=action)
         if self._probe_task is None or self._probe_task.done():
@@ -725,7 +751,7 @@ class Engine(EngineHooks):
 
     async def _probe(self) -> None:
         """While paused for a systemic reason, check DocuTray now and then; resume when it works."""
-        while self._paused & {"invalid_api_key", "api_unreachable"} and not self._stopping:
+        while self._paused & set(SYSTEMIC_PAUSES) and not self._stopping:
             await asyncio.sleep(self._s.systemic_probe_interval_s)
             try:
                 await self._limiter.acquire(
@@ -737,7 +763,7 @@ class Engine(EngineHooks):
             except DocuTrayError as exc:
                 log.warning("systemic_probe_failed", error=describe_error(exc))
                 continue
-            for reason in ("invalid_api_key", "api_unreachable"):
+            for reason in SYSTEMIC_PAUSES:
                 if reason in self._paused:
                     self._paused.discard(reason)
                     assert self.kafka is not None

@@ -186,13 +186,6 @@ def test_passthrough_of_sasl_settings_is_accepted_by_librdkafka() -> None:
     _librdkafka_accepts(kafka_passthrough(env))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.kafka_passthrough passes EVERY KAFKA_* variable to librdkafka, including "
-    "the service-link variables Kubernetes injects for a Service named `kafka` in the same "
-    "namespace (KAFKA_PORT, KAFKA_SERVICE_HOST, ...); librdkafka then refuses to start: "
-    "'No such configuration property: \"port\"'",
-)
 def test_kubernetes_service_link_variables_do_not_break_the_kafka_client() -> None:
     env = {
         "KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",

@@ -127,12 +127,6 @@ def test_secret_never_appears_in_a_logged_exception_json() -> None:
     assert SECRET not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: service/logging.py runs the scrubber BEFORE ConsoleRenderer, which formats "
-    "exc_info itself, so an exception message logged with log.exception in console mode "
-    "prints the secret",
-)
 def test_secret_never_appears_in_a_logged_exception_console() -> None:
     register_secret(SECRET)
     buf = io.StringIO()
@@ -146,12 +140,6 @@ def test_secret_never_appears_in_a_logged_exception_console() -> None:
     assert SECRET not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: service/logging.py _scrub_value only scrubs str/dict/list/tuple; a field that "
-    "is any other object (an exception, bytes, a set) is rendered by repr AFTER the scrubber, "
-    "so `log.error('x', error=exc)` prints a secret in the exception's message",
-)
 @pytest.mark.parametrize("fmt", ["json", "console"])
 def test_secret_never_appears_in_non_string_fields(fmt: str) -> None:
     register_secret(SECRET)

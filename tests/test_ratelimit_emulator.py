@@ -108,9 +108,11 @@ def test_three_replicas_at_the_limit_never_get_a_429(
     assert len(calls) >= 0.9 * most_the_run_may_use  # the budget is used, not wasted
     per_replica = [len(r.of("call")) for r in replicas]
     assert min(per_replica) >= 0.25 * len(calls), per_replica
-    # As the emulator saw them (its clock): paced at the one shared rate.
+    # As the emulator saw them (its clock): paced at the one shared rate, give or take the
+    # spread of request latency on a busy machine (allowed: a quarter of a second).
     seen = sorted(stats["counted_call_times_s"])[-len(calls) :]
-    assert max_in_window(seen, 1.0) <= math.floor(1.0 / interval) + b + 1
+    for window_s in (1.0, 2.0):
+        assert max_in_window(seen, window_s) <= math.floor((window_s + 0.25) / interval) + b + 1
 
 
 def test_a_429_blocks_all_replicas_at_once_and_lowers_the_rate_once(
