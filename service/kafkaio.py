@@ -601,6 +601,8 @@ class KafkaIO:
         self._acquire(parts, seek=False)
         self.assigned = frozenset(self.assigned | set(parts))
         metrics.ASSIGNED_PARTITIONS.set(len(self.assigned))
+        for p in parts:  # a series per partition from the start; statistics fill in the lag
+            metrics.CONSUMER_LAG.labels(str(p)).set(0)
         self.joined.set()
         log.info("partitions_assigned", partitions=parts, assigned=sorted(self.assigned))
 
