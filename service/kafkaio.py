@@ -227,6 +227,7 @@ class KafkaIO:
         self._last_commit = time.monotonic()
         self._epochs: dict[int, int] = {}
         self._pending_ids: dict[int, set[str]] = {}
+        self._base_offsets: dict[int, int] = {}
         self._pause_reasons: set[str] = set()
         self._paused_parts: set[int] = set()
         self._last_reasons: set[str] = set()
@@ -551,7 +552,12 @@ class KafkaIO:
                     self._produce(rec)
             assignment = consumer.assignment()
             if assignment:
-                positions = [tp for tp in consumer.position(assignment) if tp.offset >= 0]
+                positions = []
+                for tp in consumer.position(assignment):
+                    if tp.offset < 0:
+                        tp.offset = self._base_offsets.get(tp.partition, -1)
+                    if tp.offset >= 0:
+                        positions.append(tp)
                 if positions:
                     producer.send_offsets_to_transaction(
                         positions, consumer.consumer_group_metadata(), 30
@@ -647,14 +653,18 @@ class KafkaIO:
             count += len(records)
             self._pending_ids[p] = set(records)
             self._loop.call_soon_threadsafe(self._hooks.adopt, p, epoch, records)
-        if seek and self._consumer is not None and parts:
+        if self._consumer is not None and parts:
+            # Where each partition resumes: its committed offset, else the log start. Kept so
+            # that every transaction sends an offset for every assigned partition, even one
+            # not fetched yet: the group generation check (zombie fencing) then always applies.
             tps = [TopicPartition(self._s.input_topic, p) for p in parts]
             for tp in self._consumer.committed(tps, timeout=30):
-                if tp.offset >= 0:
-                    self._consumer.seek(tp)
-                else:
-                    low, _ = self._consumer.get_watermark_offsets(tp, timeout=30)
-                    self._consumer.seek(TopicPartition(tp.topic, tp.partition, low))
+                offset = tp.offset
+                if offset < 0:
+                    offset, _ = self._consumer.get_watermark_offsets(tp, timeout=30)
+                self._base_offsets[tp.partition] = offset
+                if seek:
+                    self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         metrics.RESTORE_DURATION.observe(elapsed)
         metrics.RESTORED_RECORDS.inc(count)
         log.info("changelog_restored", partitions=parts, pending=count, seconds=round(elapsed, 3))
@@ -663,6 +673,7 @@ class KafkaIO:
         for p in parts:
             self._epochs[p] = self._epochs.get(p, 0) + 1
             self._pending_ids.pop(p, None)
+            self._base_offsets.pop(p, None)
             self._paused_parts.discard(p)
             self._loop.call_soon_threadsafe(self._hooks.drop, p)
             with contextlib.suppress(KeyError):

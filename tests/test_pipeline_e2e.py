@@ -364,3 +364,55 @@ def test_graceful_shutdown_under_load_loses_nothing(rig_factory, emulator_factor
     # A graceful stop lets in-flight submits record their outcome: nothing is submitted twice.
     assert max(per_request.values()) == 1, {k: v for k, v in per_request.items() if v > 1}
     assert bridge.stop() == 0
+
+
+def test_frozen_replica_is_fenced_when_it_wakes_up(rig_factory, emulator_factory):
+    """A replica that stops dead (GC pause, frozen VM) and wakes after the group moved on.
+
+    While it was frozen the other replica took its partitions and restored them from the
+    changelog. When it wakes up with work in memory, its transactions carry a stale group
+    generation: the broker refuses them, so it cannot publish a second outcome.
+    """
+    import signal as _signal
+
+    emulator = emulator_factory(processing_median_s=2.0, processing_sigma=0.2)
+    fast_session = {"KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "500"}
+    rig: Rig = rig_factory(emulator, BRIDGE_TOPIC_PARTITIONS="4", **fast_session)
+    frozen = rig.bridge("frozen")
+    frozen.wait_ready()
+    requests = [pdf_request(f"frz-{i}") for i in range(40)]
+    rig.send(requests)
+    wait_for(
+        lambda: frozen.metric("docutray_bridge_pending_conversions", state="submitted") >= 10,
+        30,
+        message="conversions in flight on the replica about to freeze",
+    )
+    assert frozen.proc is not None
+    frozen.proc.send_signal(_signal.SIGSTOP)
+    try:
+        other = rig.bridge("other")
+        other.wait_ready()
+        wait_for(
+            lambda: other.metric("docutray_bridge_assigned_partitions") == 4,
+            60,
+            message="the other replica took every partition",
+        )
+        assert other.metric("docutray_bridge_changelog_restored_records_total") > 0
+    finally:
+        frozen.proc.send_signal(_signal.SIGCONT)
+    grouped = rig.wait_outcomes(sent_ids(requests), timeout_s=120)
+    # Let the woken replica run into its fence before the final count.
+    wait_for(
+        lambda: frozen.metric("docutray_bridge_assigned_partitions") <= 2,
+        60,
+        message="the woken replica rejoined the group",
+    )
+    grouped = rig.by_request()
+    assert_exactly_once(grouped, sent_ids(requests))
+    assert all(outs[0].result is not None for outs in grouped.values())
+    # It learned it was a zombie: the group told it (partitions lost) or the broker refused its
+    # transaction (stale generation, aborted).
+    fenced = frozen.metric("docutray_bridge_transactions_total", outcome="aborted") > 0
+    assert fenced or "partitions_lost" in frozen.log_path.read_text()
+    assert frozen.stop() == 0
+    assert other.stop() == 0
