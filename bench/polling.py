@@ -85,7 +85,7 @@ def run(*, sigma: float, n: int, warmup: int, seed: int) -> list[Row]:
         durations = [median * math.exp(sigma * rng.gauss()) for _ in range(warmup + n)]
         for name, kwargs in presets.items():
             model = DurationModel(default_median_s=5.0)
-            policy = PollPolicy(model=model, **kwargs)  # type: ignore[arg-type]
+            policy = PollPolicy(model=model, **kwargs)
             prng = random.Random(seed + 1)
             simulate_adaptive(policy, durations[:warmup], prng, learn=True)
             calls, delays = simulate_adaptive(policy, durations[warmup:], prng, learn=True)

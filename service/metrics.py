@@ -212,14 +212,21 @@ def status_class(status_code: int | None) -> str:
     return "none"
 
 
+def _version_string(value: object) -> str:
+    """confluent-kafka's version calls answer a string or a (string, int) tuple, by release."""
+    if isinstance(value, tuple):
+        return str(value[0])
+    return str(value)
+
+
 def init_series() -> None:
     """Create every labelled series at zero and publish build metadata."""
     BUILD_INFO.info(
         {
             "version": __version__,
             "python": platform.python_version(),
-            "confluent_kafka": confluent_kafka.version()[0],
-            "librdkafka": confluent_kafka.libversion()[0],
+            "confluent_kafka": _version_string(confluent_kafka.version()),
+            "librdkafka": _version_string(confluent_kafka.libversion()),
         }
     )
     for outcome in CONSUME_OUTCOMES:

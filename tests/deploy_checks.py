@@ -16,7 +16,7 @@ strings, label matchers, ranges, grouping label lists, numbers and keywords, and
 keeps identifiers that are not function calls. Syntax is checked separately with
 promtool (see tests/test_deploy.py).
 
-Run as a script to regenerate the metrics table of docs/operations.md:
+Run as a script to regenerate the metrics table of README.md:
 
     .venv/bin/python -m tests.deploy_checks --write-metrics-table
 """
@@ -36,7 +36,7 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 CHART: Final = ROOT / "deploy" / "helm" / "docutray-bridge"
 DASHBOARD: Final = CHART / "dashboards" / "docutray-bridge.json"
 RULES: Final = CHART / "rules" / "docutray-bridge.rules.yaml"
-OPERATIONS_DOC: Final = ROOT / "docs" / "operations.md"
+OPERATIONS_DOC: Final = ROOT / "README.md"
 TABLE_START: Final = "<!-- metrics-table:start (generated: python -m tests.deploy_checks) -->"
 TABLE_END: Final = "<!-- metrics-table:end -->"
 
@@ -334,7 +334,7 @@ CRD_SCHEMAS: Final[dict[tuple[str, str], dict[str, Any]]] = {
 
 def validate_crd(doc: Mapping[str, Any]) -> None:
     """Validate a CRD object against its minimal schema; KeyError for an unknown kind."""
-    import jsonschema
+    import jsonschema  # type: ignore[import-untyped]
 
     schema = CRD_SCHEMAS[(str(doc["apiVersion"]), str(doc["kind"]))]
     jsonschema.validate(dict(doc), schema)
@@ -366,7 +366,7 @@ def metrics_table_markdown() -> str:
             name = f"`{obj._name}` (`_bucket`, `_sum`, `_count`)"
         else:
             name = f"`{obj._name}{exposed_suffix.get(kind, '')}`"
-        labels = ", ".join(f"`{label}`" for label in obj._labelnames) or "–"
+        labels = ", ".join(f"`{label}`" for label in obj._labelnames) or "none"
         if kind == "info":
             labels = "`version`, `python`, `confluent_kafka`, `librdkafka`"
         meaning = " ".join(str(obj._documentation).split()).replace("|", "\\|")
@@ -375,7 +375,7 @@ def metrics_table_markdown() -> str:
 
 
 def metrics_table_in_doc(text: str) -> str:
-    """The generated table block between the markers of docs/operations.md."""
+    """The generated table block between the markers of README.md."""
     start = text.index(TABLE_START) + len(TABLE_START)
     end = text.index(TABLE_END)
     return text[start:end].strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -49,6 +50,17 @@ def max_in_window(times: list[float], window: float) -> int:
             first += 1
         best = max(best, last - first + 1)
     return best
+
+
+def waiting(limiter: Limiter, budget: Budget) -> int:
+    return int(limiter.describe()["budgets"][budget]["waiting"])
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.002)  # wait-ok: polling a condition under a deadline
 
 
 async def grant_times(limiter: Limiter, budget: Budget, n: int) -> list[float]:
@@ -105,7 +117,7 @@ async def test_a_flood_of_one_class_does_not_starve_the_other(flood: Budget, few
 
     try:
         floods = [asyncio.create_task(one(flood)) for _ in range(200)]
-        await asyncio.sleep(0)  # the flood queues first
+        await asyncio.sleep(0)  # wait-ok: yield once so the flood queues first
         fews = [asyncio.create_task(one(few)) for _ in range(20)]
         await asyncio.gather(*floods, *fews)
     finally:
@@ -134,7 +146,7 @@ async def test_a_waiter_gives_up_at_its_deadline_and_not_later() -> None:
     try:
         await limiter.acquire("status")
         queued = asyncio.create_task(limiter.acquire("status"))  # takes the next permit
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # wait-ok: yield once so it queues
         start = time.monotonic()
         with pytest.raises(LimiterTimeout):
             await limiter.acquire("status", deadline=start + 0.3)
@@ -151,7 +163,7 @@ async def test_a_cancelled_waiter_does_not_strand_its_permit() -> None:
         await limiter.acquire("submit")
         first = asyncio.create_task(limiter.acquire("submit"))
         second = asyncio.create_task(limiter.acquire("submit"))
-        await asyncio.sleep(0.05)  # wait-ok: both queued, the dispatcher holds one reservation
+        await until(lambda: waiting(limiter, "submit") == 2)
         first.cancel()
         start = time.monotonic()
         await second  # gets the permit `first` would have had
@@ -210,11 +222,11 @@ async def test_successes_raise_the_rate_back_but_never_above_configured() -> Non
 async def test_close_fails_waiters_and_later_calls() -> None:
     limiter = local_limiter(60.0, burst=1)
     await limiter.acquire("submit")
-    waiting = asyncio.create_task(limiter.acquire("submit"))
-    await asyncio.sleep(0.02)  # wait-ok: let it queue
+    queued = asyncio.create_task(limiter.acquire("submit"))
+    await until(lambda: waiting(limiter, "submit") == 1)
     await limiter.close()
     with pytest.raises(LimiterClosed):
-        await waiting
+        await queued
     with pytest.raises(LimiterClosed):
         await limiter.acquire("submit")
 

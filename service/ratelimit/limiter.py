@@ -41,7 +41,15 @@ from redis.exceptions import RedisError
 
 from service.ratelimit.exceptions import LimiterClosed, LimiterTimeout
 from service.ratelimit.local_backend import LocalBackend
-from service.ratelimit.policy import BUDGETS, AimdParams, Answer, Budget, Feedback, ShareScheduler
+from service.ratelimit.policy import (
+    BUDGETS,
+    AimdParams,
+    Answer,
+    Budget,
+    Feedback,
+    ShareScheduler,
+    gcra_shape,
+)
 from service.ratelimit.redis_backend import RedisBackend, connect
 
 log = structlog.get_logger(__name__)
@@ -289,10 +297,12 @@ class Limiter:
         now = time.monotonic()
         budgets: dict[str, Any] = {}
         for budget, lane in self._lanes.items():
+            interval_s, _ = gcra_shape(lane.effective_per_minute, self._burst)
             budgets[budget] = {
                 "lane": lane.name,
                 "configured_per_minute": lane.configured_per_minute,
                 "effective_per_minute": round(lane.effective_per_minute, 3),
+                "sustained_per_minute": round(60 / interval_s, 3),
                 "blocked_for_s": round(max(0.0, lane.blocked_until - now), 3),
                 "waiting": len(lane.queues[budget]),
             }
@@ -438,14 +448,23 @@ class Limiter:
         )
 
     async def _probe(self) -> None:
-        """Ping Redis every few seconds (jittered) until it answers, then switch back."""
+        """Every few seconds (jittered), run the acquire script without reserving; switch
+        back once it answers. Running the script, not just PING, also waits out a Redis that
+        answers but cannot run it (read-only replica after a failover, script error)."""
         assert self._redis is not None
+        lane = next(iter(self._lanes.values()))
         rng = random.Random()
         while True:
             await asyncio.sleep(self._probe_interval_s * rng.uniform(0.8, 1.2))
             try:
                 async with asyncio.timeout(self._redis_op_timeout_s):
-                    await self._redis.ping()
+                    await self._redis.reserve(
+                        lane.name,
+                        configured_per_minute=lane.configured_per_minute,
+                        burst=self._burst,
+                        want_slot=False,
+                        want_increase=False,
+                    )
             except _REDIS_FAILURES:
                 continue
             self._degraded = False

@@ -203,10 +203,6 @@ class RedisBackend:
         reply = await self._rate_limited(keys=[lane_key(self._prefix, lane)], args=args)
         return Feedback(float(reply[0]), int(reply[1]) == 1, float(reply[2]))
 
-    async def ping(self) -> None:
-        """Raise unless Redis answers."""
-        await self._client.ping()
-
     async def close(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()

@@ -1,0 +1,1 @@
+"""Benchmarks of the bridge against what a user would write instead (`python -m bench.run`)."""

@@ -1,0 +1,141 @@
+"""Scenario 3: 100,000 conversions pending at once; memory, and the restore after a restart.
+
+The emulator keeps every conversion running for about 50 minutes (so none
+finishes during the run) and has no rate limit; requests carry a tiny base64
+PNG (the URL form would make the emulator download it). One bridge replica
+with ``BRIDGE_MAX_PENDING`` above N and a poll prior of 50 minutes (no status
+calls while it submits). Measured:
+
+1. the time until every request is ``submitted``
+   (``docutray_bridge_pending_conversions{state="submitted"}`` = N) and the
+   submit rate that implies;
+2. the bridge's peak RSS over that time (psutil, sampled every 250 ms);
+3. SIGTERM, restart, and the time from process start to ``/readyz`` 200
+   (the changelog restore is inside it), plus
+   ``docutray_bridge_changelog_restore_seconds`` and the restored count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from bench.harness import (
+    Bridge,
+    Context,
+    Emulator,
+    RssSampler,
+    Run,
+    b64,
+    load_average,
+    produce_requests,
+    wait_until,
+)
+from service import samples
+
+MEDIAN_S = 3000.0
+
+BRIDGE_ENV = {
+    "BRIDGE_SUBMIT_RATE_PER_MINUTE": "600000",
+    "BRIDGE_STATUS_RATE_PER_MINUTE": "60000",
+    "BRIDGE_RATE_BURST": "1000",
+    "BRIDGE_POLL_DEFAULT_MEDIAN_S": str(MEDIAN_S),
+    "BRIDGE_POLL_MAX_INTERVAL_S": "600",
+    "BRIDGE_CONVERSION_DEADLINE_S": "7200",
+}
+
+
+def _pending(bridge: Bridge, state: str) -> float:
+    return bridge.metric("docutray_bridge_pending_conversions", state=state)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    """Fill the pending set, measure memory, restart, measure the restore."""
+    n = 10_000 if ctx.quick else 100_000
+    started = time.monotonic()
+    emulator = Emulator(
+        args=[
+            "--processing-median-s",
+            str(MEDIAN_S),
+            "--processing-sigma",
+            "0.01",
+            "--finished-ttl-s",
+            "600",
+        ],
+        log_path=ctx.workdir / "emulator-s3.log",
+    ).start()
+    run_ = Run.new(ctx.bootstrap, "s3", ctx.workdir)
+    env = {**BRIDGE_ENV, "BRIDGE_MAX_PENDING": str(n + 10_000)}
+    bridge = run_.bridge("r1", emulator, **env)
+    result: dict[str, Any] = {"requests": n, "config": env, "load_average_before": load_average()}
+    try:
+        run_.create_topics()
+        t0 = time.monotonic()
+        produce_requests(
+            ctx.bootstrap,
+            run_.input_topic,
+            (f"{run_.name}-{i:06d}" for i in range(n)),
+            document_b64=b64(samples.png(1, 1)),
+            content_type="image/png",
+            stamp=False,
+        )
+        result["produce_s"] = round(time.monotonic() - t0, 2)
+        bridge.start()
+        with RssSampler(bridge.pid) as rss:
+            result["first_ready_s"] = round(bridge.wait_ready(120), 2)
+            t_ready = time.monotonic()
+            cpu_ready = bridge.cpu_s()
+
+            def all_submitted() -> bool:
+                if not bridge.alive:
+                    raise RuntimeError(f"bridge died:\n{bridge.log_tail()}")
+                return _pending(bridge, "submitted") >= n
+
+            wait_until(all_submitted, 60 + n / 20, f"{n} conversions submitted", interval_s=1.0)
+            fill_s = time.monotonic() - t_ready
+            result["fill_s"] = round(fill_s, 1)
+            result["submits_per_s"] = round(n / fill_s, 1)
+            result["fill_cpu_s_per_1000"] = round((bridge.cpu_s() - cpu_ready) / n * 1000, 3)
+            time.sleep(3.0)  # wait-ok: a steady-state memory sample with the set complete
+            result["rss_mb_steady"] = round(bridge.rss_bytes() / 2**20, 1)
+            result["pending_by_state"] = {
+                s: _pending(bridge, s) for s in ("queued", "submitting", "submitted")
+            }
+        result["rss_mb_peak"] = round(rss.peak_bytes / 2**20, 1)
+        stats = emulator.stats()
+        result["emulator_submissions_accepted"] = stats["submissions_accepted"]
+        result["emulator_status_calls_before_restart"] = stats["status_calls"]
+        code, stop_s = bridge.stop(60)
+        result["stop_exit_code"] = code
+        result["stop_s"] = round(stop_s, 2)
+
+        bridge.start()
+        with RssSampler(bridge.pid) as rss2:
+            result["restart_ready_s"] = round(bridge.wait_ready(300), 2)
+            restore_sum = bridge.metric("docutray_bridge_changelog_restore_seconds_sum")
+            restore_count = bridge.metric("docutray_bridge_changelog_restore_seconds_count")
+            restored = bridge.metric("docutray_bridge_changelog_restored_records_total")
+            events = bridge.log_events("changelog_restored")
+            wait_until(
+                lambda: _pending(bridge, "submitted") >= n, 120, "restored entries adopted"
+            )
+            result["restart_adopted_s"] = round(time.monotonic() - bridge.started_at, 2)
+            result["restore_seconds_metric_sum"] = round(restore_sum, 3)
+            result["restore_observations"] = int(restore_count)
+            result["restored_records"] = int(restored)
+            result["restore_log_seconds"] = [e.get("seconds") for e in events]
+            time.sleep(2.0)  # wait-ok: memory after the restored set is adopted
+            result["restart_rss_mb"] = round(bridge.rss_bytes() / 2**20, 1)
+        result["restart_rss_mb_peak"] = round(rss2.peak_bytes / 2**20, 1)
+        code, stop_s = bridge.stop(60)
+        result["second_stop_exit_code"] = code
+    finally:
+        if bridge.alive:
+            bridge.stop(20)
+        emulator.stop()
+        with contextlib.suppress(Exception):
+            run_.delete_topics()
+    result["load_average_after"] = load_average()
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result

@@ -1,0 +1,1069 @@
+"""The deployment artefacts: Helm chart, dashboard, alert rules, Dockerfile, compose file.
+
+Real tools, no stand-ins: `helm` and `promtool` are built from the Go module proxy
+by scripts/helm and scripts/promtool (cached in .cache/bin), the chart output is
+validated against Kubernetes' JSON schemas (kubernetes-validate) and, for the CRD
+kinds it does not know (ServiceMonitor, PrometheusRule, ScaledObject), against
+the small schemas in tests/deploy_checks.py. hadolint comes from PyPI.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+from service.config import SECRET_MARKERS, Settings
+from tests.deploy_checks import (
+    CHART,
+    DASHBOARD,
+    OPERATIONS_DOC,
+    ROOT,
+    RULES,
+    dashboard_exprs,
+    exported_metric_names,
+    github_anchor,
+    grafana_expr_as_promql,
+    iter_panels,
+    load_dashboard,
+    load_rules,
+    metrics_table_in_doc,
+    metrics_table_markdown,
+    promql_metric_names,
+    rule_exprs,
+    unknown_metrics,
+    validate_crd,
+)
+
+# The first test may build helm/promtool from source (minutes when the Go cache is cold).
+pytestmark = pytest.mark.timeout(900)
+
+KUBE_VERSIONS = ("1.27.0", "1.37.0")  # the chart's kubeVersion floor, and the newest schemas
+HELM_KUBE_VERSION = "1.31.0"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+RELEASE = "rel"
+NAMESPACE = "docs"
+FULLNAME = f"{RELEASE}-docutray-bridge"
+ALERTS = {
+    "DocutrayBridgeInvalidApiKey",
+    "DocutrayBridgeDeadLetterRateHigh",
+    "DocutrayBridgeBacklogStuck",
+    "DocutrayBridgeRateLimited",
+    "DocutrayBridgeLimiterDegraded",
+    "DocutrayBridgeNotReady",
+    "DocutrayBridgeHeartbeatStale",
+}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+
+
+# --- tools -----------------------------------------------------------------------------
+
+
+@cache
+def go_tool(name: str) -> str:
+    """Path of a tool built by scripts/<name> (built once when missing)."""
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / name), "--path"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, f"scripts/{name} could not build {name}:\n{proc.stderr[-3000:]}"
+    return proc.stdout.strip()
+
+
+def run_tool(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout_s, check=False, cwd=ROOT
+    )
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_tool(go_tool("helm"), *args)
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_tool(go_tool("promtool"), *args)
+
+
+@cache
+def _render(values_files: tuple[str, ...], sets: tuple[str, ...]) -> tuple[str, int, str]:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    args += ["--kube-version", HELM_KUBE_VERSION]
+    for f in values_files:
+        args += ["-f", f]
+    for s in sets:
+        args += ["--set", s]
+    proc = helm(*args)
+    return proc.stdout, proc.returncode, proc.stderr
+
+
+def render(*values_files: Path | str, sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """helm template → the rendered objects; fails the test when rendering fails."""
+    out, rc, err = _render(tuple(str(f) for f in values_files), sets)
+    assert rc == 0, f"helm template failed:\n{err}"
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def render_error(*sets: str) -> str:
+    """helm template that must fail → its error text."""
+    out, rc, err = _render((), sets)
+    assert rc != 0, f"helm template should have failed with {sets}, rendered:\n{out[:500]}"
+    return err
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    containers: list[dict[str, Any]] = spec["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def env_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {e["name"]: e for e in container(docs)["env"]}
+
+
+def config_data(docs: list[dict[str, Any]]) -> dict[str, str]:
+    data: dict[str, str] = one(docs, "ConfigMap", FULLNAME)["data"]
+    return data
+
+
+def scrape_text() -> str:
+    """The service's /metrics text after init_series(), from a separate process.
+
+    A separate process, so the gauges that init_series() resets cannot touch a bridge
+    another test runs in this process.
+    """
+    code = (
+        "import sys; from prometheus_client import generate_latest; "
+        "from service import metrics; metrics.init_series(); "
+        "sys.stdout.write(generate_latest().decode())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+# --- Helm: render, lint, validate ------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_chart_renders_and_validates_against_kubernetes_schemas(values: Path) -> None:
+    docs = render(values)
+    assert "Deployment" in kinds(docs)
+    for doc in docs:
+        where = f"{values.name}: {doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in CRD_KINDS:
+            validate_crd(doc)
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                path = ".".join(str(p) for p in exc.path)
+                pytest.fail(f"{where} invalid for Kubernetes {version}: {path}: {exc.message}")
+        # Every object carries the standard labels.
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == RELEASE, where
+        assert labels["app.kubernetes.io/managed-by"] == "Helm", where
+        assert len(doc["metadata"]["name"]) <= 63, where
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
+def test_chart_lints(values: Path) -> None:
+    proc = helm("lint", "--strict", str(CHART), "-f", str(values))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_crd_schemas_reject_a_broken_object() -> None:
+    docs = render(CHART / "ci" / "monitoring-values.yaml")
+    monitor = one(docs, "ServiceMonitor")
+    validate_crd(monitor)
+    broken = json.loads(json.dumps(monitor))
+    del broken["spec"]["endpoints"][0]["port"]
+    with pytest.raises(Exception, match="port"):
+        validate_crd(broken)
+
+
+def test_kubernetes_schema_check_catches_a_typo() -> None:
+    deployment = json.loads(json.dumps(one(render(), "Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_fullname_is_cut_to_63_characters() -> None:
+    long_name = "x" * 70
+    docs = render(sets=(f"fullnameOverride={long_name}",))
+    assert one(docs, "Deployment")["metadata"]["name"] == "x" * 63
+
+
+# --- Helm: what each option renders ----------------------------------------------------
+
+
+def test_default_deployment_is_hardened_and_probed() -> None:
+    docs = render()
+    assert kinds(docs) == [
+        "ConfigMap",
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Secret",
+        "Service",
+        "ServiceAccount",
+    ]
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(docs)
+    assert deployment["spec"]["replicas"] == 2
+    assert pod["terminationGracePeriodSeconds"] == 25 + 5
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert c["image"] == "ghcr.io/docutray/docutray-bridge:0.1.0"
+    assert c["args"] == ["run"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert c["resources"]["limits"]["memory"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}} in pod["volumes"]
+    assert env_of(docs)["TMPDIR"]["value"] == "/tmp"
+    # The API key comes from the chart's Secret; no Redis configured, so no REDIS_URL.
+    env = env_of(docs)
+    assert env["DOCUTRAY_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": FULLNAME,
+        "key": "DOCUTRAY_API_KEY",
+    }
+    assert "REDIS_URL" not in env
+    assert c["envFrom"] == [{"configMapRef": {"name": FULLNAME}}]
+    data = config_data(docs)
+    assert data["BRIDGE_EXPECTED_REPLICAS"] == "2"
+    assert data["BRIDGE_METRICS_PORT"] == "9400"
+    assert data["BRIDGE_SHUTDOWN_GRACE_S"] == "25"
+    # The Service selects the Deployment's pods on the metrics port.
+    service = one(docs, "Service")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]},
+    }
+
+
+def test_dashboard_configmap_carries_the_dashboard_for_the_sidecar() -> None:
+    docs = render()
+    cm = one(docs, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["docutray-bridge.json"]) == load_dashboard()
+    docs = render(CHART / "ci" / "monitoring-values.yaml")
+    cm = one(docs, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Kafka"}
+    off = render(sets=("dashboard.enabled=false",))
+    assert [d for d in off if d["metadata"]["name"].endswith("-dashboard")] == []
+
+
+def test_existing_api_key_secret_creates_no_secret() -> None:
+    docs = render(CHART / "ci" / "existing-secret-values.yaml")
+    assert "Secret" not in kinds(docs)
+    assert "ServiceAccount" not in kinds(docs)
+    env = env_of(docs)
+    assert env["DOCUTRAY_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "docutray-api",
+        "key": "api-key",
+    }
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "docutray-bridge"
+    assert container(docs)["image"].endswith("@sha256:" + "0123456789abcdef" * 4)
+
+
+def test_chart_created_secret_holds_the_api_key_and_redis_url() -> None:
+    docs = render(CHART / "ci" / "redis-values.yaml")
+    secret = one(docs, "Secret")
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert decoded == {
+        "DOCUTRAY_API_KEY": "dt_test_key",
+        "REDIS_URL": "redis://:s3cr3t@redis-master.docs.svc:6379/0",
+    }
+    env = env_of(docs)
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": FULLNAME, "key": "REDIS_URL"}
+    # No secret leaks into the ConfigMap or the pod template.
+    plain = yaml.safe_dump([config_data(docs), one(docs, "Deployment")])
+    assert "s3cr3t" not in plain
+    assert "dt_test_key" not in plain
+    assert config_data(docs)["BRIDGE_EXPECTED_REPLICAS"] == "3"
+
+
+def test_redis_url_from_an_existing_secret() -> None:
+    docs = render(CHART / "ci" / "redis-existing-secret-values.yaml")
+    assert "Secret" not in kinds(docs)
+    assert env_of(docs)["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "docutray-redis",
+        "key": "url",
+    }
+
+
+def test_sasl_settings_and_credentials() -> None:
+    docs = render(CHART / "ci" / "sasl-values.yaml")
+    data = config_data(docs)
+    assert data["KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert data["KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert data["KAFKA_BOOTSTRAP_SERVERS"] == "kafka-0.kafka:9093,kafka-1.kafka:9093"
+    c = container(docs)
+    assert c["envFrom"] == [
+        {"configMapRef": {"name": FULLNAME}},
+        {"secretRef": {"name": "docutray-kafka"}},
+        {"secretRef": {"name": "more-kafka-settings"}},
+    ]
+    assert {"name": "BRIDGE_LOG_LEVEL", "value": "debug"} in c["env"]
+
+
+@pytest.mark.parametrize("marker", SECRET_MARKERS)
+def test_secret_looking_kafka_config_is_refused(marker: str) -> None:
+    err = render_error(f"kafka.config.KAFKA_SASL_{marker.upper()}=x")
+    assert "kafka.existingSecret" in err
+
+
+def test_kafka_config_keys_must_be_kafka_variables() -> None:
+    assert "KAFKA_" in render_error("kafka.config.SECURITY_PROTOCOL=SSL")
+    assert "kafka.bootstrapServers" in render_error("kafka.config.KAFKA_BOOTSTRAP_SERVERS=x:1")
+
+
+def test_service_monitor_and_prometheus_rule() -> None:
+    docs = render(CHART / "ci" / "monitoring-values.yaml")
+    monitor = one(docs, "ServiceMonitor")
+    service = one(docs, "Service")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+    rule = one(docs, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    source = {r["alert"]: r for g in load_rules()["groups"] for r in g["rules"]}
+    rendered = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(rendered) == set(source) - {"DocutrayBridgeLimiterDegraded"}
+    for name, r in rendered.items():
+        want = dict(source[name])
+        want["labels"] = {**source[name]["labels"], "team": "docs-platform"}
+        assert r == want, name
+
+
+def test_prometheus_rule_keeps_rule_severity_over_extra_labels() -> None:
+    docs = render(
+        sets=("prometheusRule.enabled=true", "prometheusRule.additionalRuleLabels.severity=page")
+    )
+    rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    assert {r["labels"]["severity"] for r in rules} == {"warning", "critical"}
+
+
+def test_hpa_scales_the_deployment() -> None:
+    docs = render(CHART / "ci" / "hpa-values.yaml")
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    deployment = one(docs, "Deployment")
+    assert "replicas" not in deployment["spec"]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 12)
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu", "memory"]
+    # Autoscaled: each replica's fallback share assumes the most replicas.
+    assert config_data(docs)["BRIDGE_EXPECTED_REPLICAS"] == "12"
+    assert "ScaledObject" not in kinds(docs)
+
+
+def test_keda_scales_on_lag_and_pending_backlog() -> None:
+    docs = render(CHART / "ci" / "keda-values.yaml")
+    scaled = one(docs, "ScaledObject")
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+    assert "HorizontalPodAutoscaler" not in kinds(docs)
+    spec = scaled["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 8)
+    assert spec["scaleTargetRef"]["name"] == FULLNAME
+    triggers = {t["type"]: t for t in spec["triggers"]}
+    assert set(triggers) == {"kafka", "prometheus"}
+    kafka = triggers["kafka"]["metadata"]
+    assert kafka["topic"] == "docs.requests"
+    assert kafka["consumerGroup"] == "docs-bridge"
+    assert kafka["lagThreshold"] == "50"
+    assert kafka["allowIdleConsumers"] == "false"
+    assert triggers["kafka"]["authenticationRef"] == {"name": "docutray-kafka-auth"}
+    query = triggers["prometheus"]["metadata"]["query"]
+    assert query == (
+        f'sum(docutray_bridge_pending_conversions{{namespace="{NAMESPACE}",job="{FULLNAME}"}})'
+    )
+    assert triggers["prometheus"]["metadata"]["threshold"] == "100"
+    assert unknown_metrics([query], scrape_text()) == set()
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ("autoscaling.enabled=true", "autoscaling.maxReplicas=7"),
+            "autoscaling.maxReplicas (7) is more than kafka.inputPartitions (6)",
+        ),
+        (
+            ("autoscaling.enabled=true", "autoscaling.type=keda", "autoscaling.maxReplicas=12"),
+            "autoscaling.maxReplicas (12) is more than kafka.inputPartitions (6)",
+        ),
+        (("replicaCount=7",), "replicaCount (7) is more than kafka.inputPartitions (6)"),
+        (
+            ("autoscaling.enabled=true", "autoscaling.minReplicas=5", "autoscaling.maxReplicas=3"),
+            "minReplicas is more than",
+        ),
+        (("autoscaling.enabled=true", "autoscaling.type=vpa"), "hpa or keda"),
+        (("docutray.apiKey=k", "docutray.existingSecret=s"), "not both"),
+    ],
+)
+def test_rendering_fails_on_impossible_values(sets: tuple[str, ...], message: str) -> None:
+    assert message in render_error(*sets)
+
+
+def test_more_replicas_than_partitions_when_allowed() -> None:
+    docs = render(CHART / "ci" / "standby-replicas-values.yaml")
+    assert one(docs, "Deployment")["spec"]["replicas"] == 4
+    assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
+    allowed = render(
+        sets=(
+            "autoscaling.enabled=true",
+            "autoscaling.type=keda",
+            "autoscaling.maxReplicas=12",
+            "autoscaling.allowMoreReplicasThanPartitions=true",
+        )
+    )
+    kafka = next(
+        t for t in one(allowed, "ScaledObject")["spec"]["triggers"] if t["type"] == "kafka"
+    )
+    assert kafka["metadata"]["allowIdleConsumers"] == "true"
+    # As many replicas as partitions is fine without the switch.
+    render(sets=("autoscaling.enabled=true", "autoscaling.maxReplicas=6"))
+
+
+def _notes(tmp_path: Path, *values_files: Path) -> str:
+    """NOTES.txt as `helm install` would print it (helm template skips NOTES, so the
+    test renders a copy of the chart with NOTES wrapped in a YAML document)."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    lines = (CHART / "templates" / "NOTES.txt").read_text().splitlines(keepends=True)
+    wrapped = "notes: |\n" + "".join("  " + line for line in lines)
+    (chart / "templates" / "notes-check.yaml").write_text(wrapped)
+    args = ["template", RELEASE, str(chart), "-n", NAMESPACE]
+    args += ["--kube-version", HELM_KUBE_VERSION, "--show-only", "templates/notes-check.yaml"]
+    for f in values_files:
+        args += ["-f", str(f)]
+    proc = helm(*args)
+    assert proc.returncode == 0, proc.stderr
+    notes: str = yaml.safe_load(proc.stdout)["notes"]
+    return notes
+
+
+def test_install_notes_warn_about_missing_key_and_redis(tmp_path: Path) -> None:
+    notes = _notes(tmp_path)
+    assert f"port-forward svc/{FULLNAME} 9400" in notes
+    assert "WARNING: no DocuTray API key" in notes
+    assert "2 replicas without Redis" in notes
+    configured = _notes(tmp_path / "b", CHART / "ci" / "redis-values.yaml")
+    assert "WARNING" not in configured
+    assert "without Redis" not in configured
+
+
+# --- Helm: the ConfigMap and the bridge's settings agree -------------------------------
+
+
+def _aliases() -> dict[str, str]:
+    """Environment variable (first alias) → Settings field name."""
+    out: dict[str, str] = {}
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        first = alias.choices[0] if alias is not None and hasattr(alias, "choices") else field
+        out[str(first)] = field
+    return out
+
+
+def test_every_setting_of_the_bridge_is_in_the_chart() -> None:
+    data = config_data(render())
+    from_secrets_or_pod = {"DOCUTRAY_API_KEY", "REDIS_URL", "BRIDGE_INSTANCE_ID"}
+    assert set(data) | from_secrets_or_pod == set(_aliases())
+
+
+def test_chart_defaults_equal_the_bridge_defaults() -> None:
+    """values.yaml repeats the bridge's defaults; a change on one side fails here."""
+    data = config_data(render())
+    parsed = Settings(**data)  # type: ignore[arg-type]
+    intended = {
+        "BRIDGE_TOPIC_REPLICATION_FACTOR": 3,
+        "BRIDGE_LOG_FORMAT": "json",
+        "BRIDGE_EXPECTED_REPLICAS": 2,
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",
+    }
+    for variable, field in _aliases().items():
+        if variable not in data:
+            continue
+        value = getattr(parsed, field)
+        value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        want = intended.get(variable, Settings.model_fields[field].default)
+        assert value == want, f"{variable}: chart renders {value!r}, bridge default {want!r}"
+
+
+def test_overridden_settings_render_as_the_bridge_reads_them() -> None:
+    docs = render(CHART / "ci" / "settings-values.yaml")
+    data = config_data(docs)
+    assert "BRIDGE_LOG_LEVEL" not in data  # null: left to the bridge's default
+    parsed = Settings(**data)  # type: ignore[arg-type]
+    assert parsed.max_request_bytes == 33554432
+    assert parsed.max_document_bytes == 209715200
+    assert parsed.poll_first_quantile == 0.75
+    assert parsed.fetch_mode is True
+    assert parsed.shared_budget is True
+    assert parsed.changelog == "docs.pending"
+    assert parsed.shutdown_grace_s == 42.5
+    assert parsed.metrics_port == 9500
+    assert parsed.expected_replicas == 5
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 43 + 5
+    assert container(docs)["ports"][0]["containerPort"] == 9500
+    assert one(docs, "Service")["spec"]["ports"][0]["port"] == 9500
+
+
+def test_chart_version_matches_the_package() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M)
+    assert version is not None
+    assert chart["appVersion"] == version.group(1)
+
+
+def test_every_value_is_commented() -> None:
+    """Each value in values.yaml has a comment just above it, or sits inside a commented
+    value (e.g. the fields of `resources`); bare section headers need none."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    uncommented = []
+    ancestors: list[tuple[int, bool]] = []  # (indent, commented) of enclosing keys
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z_][\w.]*):", line)
+        if not m:
+            continue
+        indent = len(m.group(1))
+        while ancestors and ancestors[-1][0] >= indent:
+            ancestors.pop()
+        commented = i > 0 and lines[i - 1].strip().startswith("#")
+        is_section = line.rstrip().endswith(":")
+        if not (commented or is_section or any(c for _, c in ancestors)):
+            uncommented.append(line.strip())
+        ancestors.append((indent, commented))
+    assert uncommented == []
+
+
+# --- dashboard and alert rules ---------------------------------------------------------
+
+
+def _load_builder() -> ModuleType:
+    path = ROOT / "deploy" / "grafana" / "build_dashboard.py"
+    spec = importlib.util.spec_from_file_location("build_dashboard", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["build_dashboard"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dashboard_json_is_generated_from_its_source() -> None:
+    builder = _load_builder()
+    assert DASHBOARD.read_text(encoding="utf-8") == builder.render(), (
+        "stale dashboard: run .venv/bin/python deploy/grafana/build_dashboard.py"
+    )
+
+
+def test_dashboard_structure() -> None:
+    dashboard = load_dashboard()
+    assert dashboard["uid"] == "docutray-bridge"
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    panels = [p for p in iter_panels(dashboard["panels"])]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    cells: set[tuple[int, int]] = set()
+    for p in panels:
+        grid = p["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, p["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps another panel"
+                cells.add((x, y))
+        if p["type"] == "row":
+            continue
+        assert p["datasource"]["uid"] == "${DS_PROMETHEUS}", p["title"]
+        assert p["targets"], p["title"]
+        assert p.get("description"), p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${DS_PROMETHEUS}"
+            assert 'namespace=~"$namespace"' in t["expr"], t["expr"]
+    # What operators asked for: each of these shows somewhere.
+    used = set().union(*(promql_metric_names(e) for e in dashboard_exprs(dashboard)))
+    for metric in (
+        "docutray_bridge_requests_consumed_total",
+        "docutray_bridge_results_published_total",
+        "docutray_bridge_dead_letters_total",
+        "docutray_bridge_pending_conversions",
+        "docutray_bridge_consumer_lag",
+        "docutray_bridge_http_request_duration_seconds_bucket",
+        "docutray_bridge_rate_limited_total",
+        "docutray_bridge_limiter_effective_rate_per_second",
+        "docutray_bridge_limiter_configured_rate_per_second",
+        "docutray_bridge_submissions_total",
+        "docutray_bridge_status_calls_total",
+        "docutray_bridge_status_calls_per_conversion_count",
+        "docutray_bridge_transactions_total",
+        "docutray_bridge_ready",
+        "docutray_bridge_consumption_paused",
+        "docutray_bridge_limiter_degraded",
+    ):
+        assert metric in used, metric
+
+
+def test_dashboard_and_rules_use_only_exported_metrics() -> None:
+    exprs = dashboard_exprs(load_dashboard()) + rule_exprs(load_rules())
+    scrape = scrape_text()
+    assert unknown_metrics(exprs, scrape) == set()
+    used = set().union(*(promql_metric_names(e) for e in exprs))
+    assert len(used) >= 20
+    assert all(name.startswith("docutray_bridge_") for name in used), used
+
+
+def test_unknown_metrics_flags_a_metric_the_service_does_not_export() -> None:
+    scrape = scrape_text()
+    exprs = [
+        "sum(rate(docutray_bridge_results_published_total[5m]))",
+        "docutray_bridge_http_request_duration_seconds",  # a histogram has no bare series
+        'rate(docutray_bridge_made_up_total{job=~"$job"}[$__rate_interval])',
+    ]
+    assert unknown_metrics(exprs, scrape) == {
+        "docutray_bridge_http_request_duration_seconds",
+        "docutray_bridge_made_up_total",
+    }
+
+
+def test_exported_names_include_declared_families_without_samples() -> None:
+    names = exported_metric_names(scrape_text())
+    # Labelled, never observed yet: only the # TYPE line is there.
+    assert "docutray_bridge_consumer_lag" in names
+    assert "docutray_bridge_conversion_duration_seconds_bucket" in names
+    assert "docutray_bridge_build_info" in names
+    assert "docutray_bridge_requests_consumed_total" in names
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        ("up", {"up"}),
+        ('sum by (job, le) (rate(a_bucket{job="x",le!="+Inf"}[5m]))', {"a_bucket"}),
+        ("histogram_quantile(0.95, sum without (instance) (rate(b_bucket[1m])))", {"b_bucket"}),
+        ("a / on(job) group_left(version) c_info", {"a", "c_info"}),
+        ("rate(x_total[5m] offset 1h) > bool 1e-3", {"x_total"}),
+        ('{__name__="named_metric", job="j"}', {"named_metric"}),
+        ("time() - hb_seconds > 120 and ignoring(reason) p == 1", {"hb_seconds", "p"}),
+        ('max_over_time(m:rate5m{a="sum(fake)"}[1h:5m])', {"m:rate5m"}),
+        ('sum(rate(q{namespace=~"$namespace"}[$__rate_interval]))', {"q"}),
+        ("abs(-v) unless w or z", {"v", "w", "z"}),
+        ("count(x) by (instance)", {"x"}),
+        ("0x1f + 12 * .5", set()),
+    ],
+)
+def test_promql_metric_names(expr: str, names: set[str]) -> None:
+    assert promql_metric_names(expr) == names
+
+
+def test_dashboard_variable_queries_are_checked() -> None:
+    dashboard = {
+        "panels": [{"type": "row", "panels": [{"targets": [{"expr": "nested_metric"}]}]}],
+        "templating": {
+            "list": [
+                {"type": "query", "query": {"query": 'label_values(var_metric{a="1"}, job)'}},
+                {"type": "query", "query": "label_values(job)"},
+                {"type": "datasource", "query": "prometheus"},
+            ]
+        },
+    }
+    assert dashboard_exprs(dashboard) == ["nested_metric", 'var_metric{a="1"}']
+
+
+def test_promql_syntax_of_dashboard_rules_and_keda_query(tmp_path: Path) -> None:
+    """promtool parses every expression (the dashboard's after Grafana's variables)."""
+    keda = one(render(CHART / "ci" / "keda-values.yaml"), "ScaledObject")
+    query = next(t for t in keda["spec"]["triggers"] if t["type"] == "prometheus")
+    exprs = [grafana_expr_as_promql(e) for e in dashboard_exprs(load_dashboard())]
+    exprs.append(query["metadata"]["query"])
+    recording = {
+        "groups": [
+            {
+                "name": "dashboard-syntax",
+                "rules": [{"record": f"check:expr_{i}", "expr": e} for i, e in enumerate(exprs)],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard.rules.yaml"
+    path.write_text(yaml.safe_dump(recording))
+    proc = promtool("check", "rules", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # And the check can fail.
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {"name": "bad", "rules": [{"record": "check:bad", "expr": "sum(rate(x[5m])"}]}
+                ]
+            }
+        )
+    )
+    assert promtool("check", "rules", str(path)).returncode != 0
+
+
+def test_alert_rules_pass_promtool_check(tmp_path: Path) -> None:
+    proc = promtool("check", "rules", str(RULES))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "7 rules found" in proc.stdout
+    # The PrometheusRule the chart renders is just as valid.
+    rule = one(render(CHART / "ci" / "monitoring-values.yaml"), "PrometheusRule")
+    path = tmp_path / "rendered.rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    proc = promtool("check", "rules", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_alert_rules_unit_tests() -> None:
+    """Each alert fires on its scenario and stays quiet on a healthy look-alike."""
+    proc = promtool("test", "rules", "deploy/prometheus/docutray-bridge.rules.test.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tested = set(
+        re.findall(
+            r"alertname: (\w+)",
+            (ROOT / "deploy/prometheus").joinpath("docutray-bridge.rules.test.yaml").read_text(),
+        )
+    )
+    assert tested == ALERTS
+
+
+def test_alerts_have_runbooks_and_summaries() -> None:
+    rules = [r for g in load_rules()["groups"] for r in g["rules"]]
+    assert {r["alert"] for r in rules} == ALERTS
+    doc = OPERATIONS_DOC.read_text(encoding="utf-8")
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", doc, re.M)}
+    for r in rules:
+        name = r["alert"]
+        assert r["labels"]["severity"] in {"warning", "critical"}, name
+        assert r["annotations"]["summary"], name
+        assert r["annotations"]["description"], name
+        url = r["annotations"]["runbook_url"]
+        anchor = f"runbook-{name.lower()}"
+        assert url == f"https://github.com/docutray/docutray-bridge#{anchor}", name
+        assert anchor in anchors, f"README.md has no section for {name}"
+    assert "runbook" in anchors  # the dashboard links there
+
+
+def test_metrics_table_is_current() -> None:
+    doc = OPERATIONS_DOC.read_text(encoding="utf-8")
+    assert metrics_table_in_doc(doc) == metrics_table_markdown(), (
+        "stale metrics table: run .venv/bin/python -m tests.deploy_checks --write-metrics-table"
+    )
+
+
+# --- container -------------------------------------------------------------------------
+
+
+def _dockerfile_stages() -> list[list[str]]:
+    """Dockerfile instructions (continuations joined), split by FROM."""
+    text = (ROOT / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n", " ", text)
+    stages: list[list[str]] = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        stages[-1].append(line)
+    return stages
+
+
+def test_hadolint_is_clean() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    proc = run_tool(str(hadolint), "Dockerfile")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_conventions() -> None:
+    stages = _dockerfile_stages()
+    assert len(stages) == 2
+    builder, final = stages
+    base = re.compile(r"^FROM python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}\b")
+    assert base.match(builder[0])
+    assert base.match(final[0])
+    assert " AS builder" in builder[0]
+    joined = "\n".join(final)
+    assert "USER 10001:10001" in final
+    assert 'ENTRYPOINT ["docutray-bridge"]' in final
+    assert 'CMD ["run"]' in final
+    assert any(i.startswith("HEALTHCHECK ") and "/healthz" in i for i in final)
+    copies = [i for i in final if i.startswith("COPY")]
+    assert copies == ["COPY --from=builder /opt/venv /opt/venv"]
+    for tool in ("apt-get install", "gcc", "build-essential", "pip install"):
+        assert tool not in joined, tool
+
+
+def _healthcheck_argv() -> list[str]:
+    final = _dockerfile_stages()[-1]
+    line = next(i for i in final if i.startswith("HEALTHCHECK "))
+    argv: list[str] = json.loads(line[line.index("CMD ") + 4 :])
+    return argv
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        code = self.status if self.path == "/healthz" else 404
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def health_server() -> Iterator[http.server.HTTPServer]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_dockerfile_healthcheck_command_tells_healthy_from_not(
+    health_server: http.server.HTTPServer,
+) -> None:
+    argv = _healthcheck_argv()
+    assert argv[0] == "python"
+    argv[0] = sys.executable
+    env = {**os.environ, "BRIDGE_METRICS_PORT": str(health_server.server_address[1])}
+    _Health.status = 200
+    assert subprocess.run(argv, env=env, timeout=30, capture_output=True).returncode == 0
+    _Health.status = 503
+    assert subprocess.run(argv, env=env, timeout=30, capture_output=True).returncode != 0
+
+
+def test_dockerignore_lets_the_build_inputs_through() -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in lines
+    for needed in ("!pyproject.toml", "!README.md", "!constraints.txt", "!service/"):
+        assert needed in lines
+
+
+def test_entrypoint_runs_from_a_clean_install_of_the_wheel(tmp_path: Path) -> None:
+    """What the image's builder stage does: build the wheel, install it in a fresh venv."""
+    wheels = tmp_path / "wheels"
+    proc = run_tool(
+        str(Path(sys.executable).parent / "pip"),
+        "wheel",
+        "--no-deps",
+        "--quiet",
+        ".",
+        "-w",
+        str(wheels),
+        timeout_s=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = wheels.glob("docutray_bridge-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
+    install += ["--only-binary=:all:"]
+    if (ROOT / "constraints.txt").exists():
+        install += ["--constraint", str(ROOT / "constraints.txt")]
+    proc = run_tool(*install, str(wheel), timeout_s=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = str(venv / "bin" / "docutray-bridge")
+    # Run away from the source tree so the installed package, not ./service, is imported.
+    for args, expect in ((["--help"], "run"), (["run", "--help"], "Usage")):
+        proc = subprocess.run(
+            [entry, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert expect in proc.stdout
+    shutil.rmtree(venv)
+
+
+# --- compose ---------------------------------------------------------------------------
+
+
+@cache
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def test_compose_services_and_images() -> None:
+    services = compose()["services"]
+    assert set(services) == {"kafka", "redis", "emulator", "bridge", "prometheus", "grafana"}
+    for name, svc in services.items():
+        if "build" in svc:
+            assert svc["build"] == "."
+            continue
+        image = svc["image"]
+        assert re.match(r"^[\w./-]+:v?\d+\.\d+(\.\d+)?(-[\w.]+)?$", image), f"{name}: {image}"
+    for name, svc in services.items():
+        for dep in svc.get("depends_on", []):
+            assert dep in services, f"{name} depends on unknown {dep}"
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_compose_mounts_exist() -> None:
+    for name, svc in compose()["services"].items():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            assert source.startswith("./"), f"{name}: {volume}"
+            assert (ROOT / source).exists(), f"{name}: {source} does not exist"
+
+
+def test_compose_bridge_is_wired_to_its_neighbours() -> None:
+    services = compose()["services"]
+    bridge = services["bridge"]
+    env = _environment(bridge)
+    aliases = set(_aliases())
+    assert set(env) <= aliases, set(env) - aliases
+    parsed = Settings(**env)  # type: ignore[arg-type]
+    # The API key the emulator accepts is the one the bridge sends.
+    emulator_cmd = services["emulator"]["command"]
+    assert emulator_cmd[0] == "emulator"
+    assert emulator_cmd[emulator_cmd.index("--api-key") + 1] == env["DOCUTRAY_API_KEY"]
+    port = emulator_cmd[emulator_cmd.index("--port") + 1]
+    assert parsed.docutray_base_url == f"http://emulator:{port}"
+    # Kafka: the bridge uses the listener the broker advertises inside the network.
+    kafka_env = _environment(services["kafka"])
+    assert f"PLAINTEXT://{parsed.kafka_bootstrap_servers}" in kafka_env[
+        "KAFKA_ADVERTISED_LISTENERS"
+    ].split(",")
+    assert parsed.redis == "redis://redis:6379/0"
+    # Drain time fits in the stop grace period.
+    grace = int(str(bridge["stop_grace_period"]).rstrip("s"))
+    assert grace >= parsed.shutdown_grace_s + 5
+    assert bridge["read_only"] is True
+    assert bridge["tmpfs"] == ["/tmp"]
+    # Prometheus scrapes the bridge's metrics port.
+    prom = yaml.safe_load((ROOT / "deploy/compose/prometheus/prometheus.yml").read_text())
+    targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"bridge:{parsed.metrics_port}"]
+
+
+def test_compose_emulator_options_exist() -> None:
+    from click.testing import CliRunner
+
+    from service.cli import main
+
+    result = CliRunner().invoke(main, ["emulator", "--help"])
+    assert result.exit_code == 0, result.output
+    for option in [a for a in compose()["services"]["emulator"]["command"] if a.startswith("--")]:
+        assert option in result.output, option
+
+
+def test_compose_grafana_provisioning_points_at_the_dashboard() -> None:
+    grafana = compose()["services"]["grafana"]
+    mounts = dict(v.split(":")[:2] for v in grafana["volumes"])
+    provider = yaml.safe_load(
+        (ROOT / "deploy/compose/grafana/provisioning/dashboards/docutray-bridge.yaml").read_text()
+    )
+    path = provider["providers"][0]["options"]["path"]
+    assert mounts["./deploy/helm/docutray-bridge/dashboards"] == path
+    home = _environment(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{path}/{DASHBOARD.name}"
+    datasources = yaml.safe_load(
+        (ROOT / "deploy/compose/grafana/provisioning/datasources/prometheus.yaml").read_text()
+    )
+    (ds,) = datasources["datasources"]
+    assert ds["type"] == "prometheus"
+    assert ds["isDefault"] is True
+    assert ds["url"] == "http://prometheus:9090"
+
+
+def test_compose_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> None:
+    prometheus = compose()["services"]["prometheus"]
+    mounts = dict(v.split(":")[:2] for v in prometheus["volumes"])
+    # Lay the files out as the container sees them, relative to the config file.
+    etc = tmp_path / "etc" / "prometheus"
+    for source, target in mounts.items():
+        assert target.startswith("/etc/prometheus"), target
+        dest = tmp_path / target.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        src = ROOT / source
+        if src.is_dir():
+            shutil.copytree(src, dest)
+        else:
+            shutil.copy(src, dest)
+    proc = promtool("check", "config", str(etc / "prometheus.yml"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "7 rules found" in proc.stdout
+
+
+def test_shell_snippets_in_the_docs_name_real_files() -> None:
+    doc = OPERATIONS_DOC.read_text(encoding="utf-8")
+    charts = re.findall(r"helm upgrade --install \S+ (\S+)", doc)
+    assert charts
+    for chart in charts:
+        assert (ROOT / chart / "Chart.yaml").is_file(), chart
