@@ -195,7 +195,7 @@ class Settings(BaseSettings):
         default=5.0, gt=0, validation_alias=AliasChoices("BRIDGE_POLL_DEFAULT_MEDIAN_S")
     )
     poll_first_quantile: float = Field(
-        default=0.6, gt=0, lt=1, validation_alias=AliasChoices("BRIDGE_POLL_FIRST_QUANTILE")
+        default=0.65, gt=0, lt=1, validation_alias=AliasChoices("BRIDGE_POLL_FIRST_QUANTILE")
     )
     poll_min_interval_s: float = Field(
         default=0.5, gt=0, validation_alias=AliasChoices("BRIDGE_POLL_MIN_INTERVAL_S")

@@ -196,11 +196,26 @@ def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> int:
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise BridgeError(f"cannot create topic {name}: {exc.args[0].str()}") from None
-    md = admin.list_topics(timeout=timeout_s)
-    changelog_md = md.topics.get(settings.changelog_topic)
-    input_md = md.topics.get(settings.input_topic)
-    if changelog_md is None or input_md is None:
-        raise BridgeError("input or changelog topic not visible after creation")
+    # Creation is acknowledged before every broker's metadata shows the topics: wait for them.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        md = admin.list_topics(timeout=timeout_s)
+        changelog_md = md.topics.get(settings.changelog_topic)
+        input_md = md.topics.get(settings.input_topic)
+        if (
+            changelog_md is not None
+            and input_md is not None
+            and changelog_md.error is None
+            and input_md.error is None
+            and changelog_md.partitions
+        ):
+            break
+        if time.monotonic() > deadline:
+            raise BridgeError(
+                f"topics {settings.input_topic} / {settings.changelog_topic} not visible "
+                f"{timeout_s:.0f} s after creation; check the brokers"
+            )
+        time.sleep(0.1)
     if len(changelog_md.partitions) != len(input_md.partitions):
         raise BridgeError(
             f"changelog {settings.changelog_topic} has {len(changelog_md.partitions)} partitions "
