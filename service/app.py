@@ -56,6 +56,8 @@ def kafka_settings(settings: Settings) -> KafkaSettings:
     """The Kafka edge's slice of the settings."""
     return KafkaSettings(
         common=kafka_common_config(settings),
+        extra_consumer=kafka_passthrough(kind="consumer"),
+        extra_producer=kafka_passthrough(kind="producer"),
         group_id=settings.group_id,
         instance_id=instance_id(settings),
         input_topic=settings.input_topic,
@@ -96,7 +98,11 @@ async def run_bridge(settings: Settings) -> int:
     """Run the bridge until SIGTERM/SIGINT; return the process exit code."""
     api_key = settings.docutray_api_key.get_secret_value()
     redis_url = settings.redis
-    passthrough = kafka_passthrough()
+    passthrough = {
+        **kafka_passthrough(),
+        **kafka_passthrough(kind="consumer"),
+        **kafka_passthrough(kind="producer"),
+    }
     redis_password = urlsplit(redis_url).password if redis_url else None
     register_secrets(
         [

@@ -251,17 +251,36 @@ class Settings(BaseSettings):
         return self.redis_url.get_secret_value() or None
 
 
-def kafka_passthrough(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """librdkafka properties from ``KAFKA_*`` variables (except the ones the bridge owns)."""
+KafkaClientKind = Literal["common", "consumer", "producer"]
+_CLIENT_PREFIXES = {"consumer": "KAFKA_CONSUMER_", "producer": "KAFKA_PRODUCER_"}
+
+
+def kafka_passthrough(
+    environ: Mapping[str, str] | None = None, *, kind: KafkaClientKind = "common"
+) -> dict[str, str]:
+    """librdkafka properties from the environment.
+
+    ``common``: every ``KAFKA_*`` variable (except the bridge's own, Kubernetes
+    service links and JVM settings) for every client. ``consumer`` /
+    ``producer``: ``KAFKA_CONSUMER_*`` / ``KAFKA_PRODUCER_*`` for that client
+    only (e.g. ``KAFKA_CONSUMER_SESSION_TIMEOUT_MS``), so that a client never
+    gets properties that are not its own.
+    """
     env = os.environ if environ is None else environ
     out: dict[str, str] = {}
     for name, value in env.items():
         upper = name.upper()
-        if not upper.startswith("KAFKA_") or upper in _KAFKA_RESERVED:
-            continue
-        if _KAFKA_FOREIGN.match(upper):
-            continue
-        prop = upper[len("KAFKA_") :].lower().replace("__", "\0").replace("_", ".")
+        if kind == "common":
+            if not upper.startswith("KAFKA_") or upper in _KAFKA_RESERVED:
+                continue
+            if _KAFKA_FOREIGN.match(upper) or upper.startswith(tuple(_CLIENT_PREFIXES.values())):
+                continue
+            prefix = "KAFKA_"
+        else:
+            prefix = _CLIENT_PREFIXES[kind]
+            if not upper.startswith(prefix):
+                continue
+        prop = upper[len(prefix) :].lower().replace("__", "\0").replace("_", ".")
         out[prop.replace("\0", "_")] = value
     return out
 

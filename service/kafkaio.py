@@ -115,6 +115,7 @@ class KafkaSettings:
     replication_factor: int
     restore_timeout_s: float = 120.0
     extra_consumer: dict[str, Any] = field(default_factory=dict)
+    extra_producer: dict[str, Any] = field(default_factory=dict)
 
 
 class EngineHooks:
@@ -315,6 +316,7 @@ class KafkaIO:
                 "message.max.bytes": s.max_request_bytes * 2 + 1024 * 1024,
                 "transaction.timeout.ms": 60_000,
                 "compression.type": "lz4",
+                **s.extra_producer,
             }
         )
         self._producer.init_transactions(30)

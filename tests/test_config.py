@@ -315,3 +315,14 @@ def test_redacted_masks_password_secret_and_key_values() -> None:
         "ssl.key.password": "***",
     }
     assert conf["sasl.password"] == SASL_PASSWORD  # a copy: the input is untouched
+
+
+def test_client_specific_kafka_variables_reach_only_their_client():
+    env = {
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "10000",
+        "KAFKA_PRODUCER_LINGER_MS": "20",
+    }
+    assert kafka_passthrough(env) == {"security.protocol": "SASL_SSL"}
+    assert kafka_passthrough(env, kind="consumer") == {"session.timeout.ms": "10000"}
+    assert kafka_passthrough(env, kind="producer") == {"linger.ms": "20"}

@@ -376,7 +376,10 @@ def test_frozen_replica_is_fenced_when_it_wakes_up(rig_factory, emulator_factory
     import signal as _signal
 
     emulator = emulator_factory(processing_median_s=2.0, processing_sigma=0.2)
-    fast_session = {"KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "500"}
+    fast_session = {
+        "KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "6000",
+        "KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
+    }
     rig: Rig = rig_factory(emulator, BRIDGE_TOPIC_PARTITIONS="4", **fast_session)
     frozen = rig.bridge("frozen")
     frozen.wait_ready()
