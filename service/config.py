@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         default=60.0, gt=0, validation_alias=AliasChoices("DOCUTRAY_WRITE_TIMEOUT_S")
     )
     docutray_max_connections: int = Field(
-        default=100, ge=1, validation_alias=AliasChoices("DOCUTRAY_MAX_CONNECTIONS")
+        default=32, ge=1, validation_alias=AliasChoices("DOCUTRAY_MAX_CONNECTIONS")
     )
 
     # Connections

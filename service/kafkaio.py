@@ -50,9 +50,9 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from service import metrics
 from service.errors import BridgeError
 from service.intake import Accepted, original_record, parse_record
-from service.messages import PendingRecord, utcnow
+from service.messages import utcnow
 from service.outcomes import build_dead_letter
-from service.pending import restore_partitions
+from service.pending import Entry, Limits, Unreadable, new_entry, restore_partitions
 
 log = structlog.get_logger(__name__)
 
@@ -125,10 +125,13 @@ class EngineHooks:
         self,
         partition: int,
         epoch: int,
-        records: dict[str, PendingRecord],
-        parsed: Accepted | None = None,
+        entries: list[Entry],
+        unreadable: list[Unreadable] | None = None,
     ) -> None:
-        """Take over the pending entries of a partition (after restore, or newly accepted)."""
+        """Take over pending entries of a partition (after restore, or newly accepted).
+
+        `unreadable` changelog records must be dead-lettered, never dropped.
+        """
         raise NotImplementedError
 
     def drop(self, partition: int) -> None:
@@ -518,16 +521,18 @@ class KafkaIO:
             return
         ids.add(rid)
         metrics.REQUESTS_CONSUMED.labels("accepted").inc()
-        record = PendingRecord(
-            request_id=rid, state="queued", original=original, received_at=utcnow()
+        entry = new_entry(
+            partition=partition,
+            epoch=epoch,
+            original=original,
+            accepted=verdict,
+            received_at=utcnow(),
         )
-        value = record.model_dump_json().encode()
+        value = entry.changelog_value()
         hooks = self._hooks
 
-        def adopt(
-            p: int = partition, e: int = epoch, r: PendingRecord = record, v: Accepted = verdict
-        ) -> None:
-            hooks.adopt(p, e, {r.request_id: r}, v)
+        def adopt(p: int = partition, e: int = epoch, new: Entry = entry) -> None:
+            hooks.adopt(p, e, [new])
 
         self._batch.append(
             Effect(
@@ -658,18 +663,27 @@ class KafkaIO:
     def _acquire(self, parts: list[int], *, seek: bool) -> None:
         """Restore the changelog of `parts` and hand the pending entries to the engine."""
         started = time.monotonic()
+        for p in parts:
+            self._epochs[p] = self._epochs.get(p, 0) + 1
         restored = restore_partitions(
-            self._s.common, self._s.changelog_topic, parts, timeout_s=self._s.restore_timeout_s
+            self._s.common,
+            self._s.changelog_topic,
+            parts,
+            epochs=self._epochs,
+            limits=Limits(self._s.max_request_bytes, self._s.max_document_bytes),
+            timeout_s=self._s.restore_timeout_s,
         )
         elapsed = time.monotonic() - started
         count = 0
         for p in parts:
-            epoch = self._epochs.get(p, 0) + 1
-            self._epochs[p] = epoch
-            records = restored.get(p, {})
-            count += len(records)
-            self._pending_ids[p] = set(records)
-            self._loop.call_soon_threadsafe(self._hooks.adopt, p, epoch, records)
+            entries, unreadable = restored[p]
+            count += len(entries) + len(unreadable)
+            self._pending_ids[p] = {e.request_id for e in entries} | {
+                u.request_id for u in unreadable
+            }
+            self._loop.call_soon_threadsafe(
+                self._hooks.adopt, p, self._epochs[p], entries, unreadable
+            )
         if self._consumer is not None and parts:
             # Where each partition resumes: its committed offset, else the log start. Kept so
             # that every transaction sends an offset for every assigned partition, even one

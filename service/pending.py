@@ -1,130 +1,262 @@
-"""The durable pending-conversion store: in-memory entries and their changelog.
+"""The durable pending-conversion store: compact in-memory entries and their changelog.
 
 Every request the bridge has accepted but not finished lives in a compacted
 changelog topic, keyed by request id, in the same partition number as its
 input record (co-partitioned, as Kafka Streams does with state changelogs).
-The in-memory :class:`Entry` is the working copy; :meth:`Entry.to_record`
+The in-memory :class:`Entry` is the working copy; :meth:`Entry.changelog_value`
 is what goes to the changelog at each state change, and a tombstone removes
 it when the result or dead letter is published in the same transaction.
 
-:func:`restore_partitions` rebuilds the pending set of newly assigned
+Memory matters here (100,000 pending conversions per replica is a normal
+day), so an entry keeps the original record as the JSON bytes it is written
+as, not as models, and keeps the parsed request only while it may still be
+submitted. The changelog value is spliced from a small header and those
+bytes; :class:`~service.messages.PendingRecord` is its schema (a test checks
+that the two agree).
+
+:func:`restore_partitions` rebuilds the pending entries of newly assigned
 partitions by reading their changelog with ``read_committed`` to the end.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from service.intake import Accepted, Rejected, parse_record
-from service.messages import DocumentRequest, PendingRecord, PendingState
+from service.intake import Accepted, parse_record
+from service.messages import (
+    SCHEMA_VERSION,
+    DocumentRequest,
+    OriginalRecord,
+    PendingRecord,
+    PendingState,
+)
 
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The request size limits a stored request is judged by again when it is re-read."""
+
+    max_request_bytes: int
+    max_document_bytes: int
+
+
 @dataclass(slots=True)
 class Entry:
-    """One pending request as the engine works on it (mutable; the changelog holds its last state)."""
+    """One pending request as the engine works on it (the changelog holds its last durable state)."""
 
     partition: int
     epoch: int
-    record: PendingRecord
-    request: DocumentRequest
-    content_type: str | None
+    request_id: str
     state: PendingState
-    attempts: int
-    status_calls: int
-    lost_resubmits: int
-    conversion_id: str | None
-    submitted_at: datetime | None
+    received_at: datetime
+    #: The original input record, serialized once as an OriginalRecord (JSON bytes).
+    original_json: bytes
+    document_type_code: str
+    metadata: dict[str, Any] | None = None
+    filename: str | None = None
+    attempts: int = 0
+    status_calls: int = 0
+    lost_resubmits: int = 0
+    conversion_id: str | None = None
+    submitted_at: datetime | None = None
+    next_attempt_at: datetime | None = None
     last_error: str | None = None
     #: Restored in state `submitting`: the previous owner may have submitted it already.
     in_doubt: bool = False
-    #: monotonic time of the last successful submit (for poll scheduling and the deadline).
+    #: monotonic time of the last successful submit (poll scheduling and the deadline).
     submitted_mono: float | None = None
-    #: transient URL download timeouts seen (DocuTray's 408).
+    #: transient URL download failures seen (DocuTray's 408, fetch-mode timeouts).
     url_timeouts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def request_id(self) -> str:
-        """The request id (the changelog key)."""
-        return self.record.request_id
+    #: The parsed request, kept only while it may still be submitted (None once submitted).
+    request: DocumentRequest | None = None
+    content_type: str | None = None
 
     @property
     def key(self) -> tuple[int, str]:
         """The engine's key for this entry."""
-        return (self.partition, self.record.request_id)
+        return (self.partition, self.request_id)
 
-    def to_record(self, *, next_attempt_at: datetime | None = None) -> PendingRecord:
-        """The changelog value for the entry's current state."""
-        return self.record.model_copy(
-            update={
-                "state": self.state,
-                "attempts": self.attempts,
-                "next_attempt_at": next_attempt_at,
-                "last_error": self.last_error,
-                "conversion_id": self.conversion_id,
-                "submitted_at": self.submitted_at,
-                "status_calls": self.status_calls,
-                "lost_resubmits": self.lost_resubmits,
-            }
-        )
+    def original(self) -> OriginalRecord:
+        """The original record as a model (for dead letters and headers)."""
+        return OriginalRecord.model_validate_json(self.original_json)
+
+    def header_tuples(self) -> list[tuple[str, str | bytes | None]]:
+        """The original record's headers, to carry onto output records."""
+        return self.original().header_tuples()
+
+    def load_request(self, limits: Limits) -> Accepted | None:
+        """The parsed request (re-read from the original record if it was dropped)."""
+        if self.request is not None:
+            return Accepted(self.request, self.content_type)
+        verdict = _parse_original(self.original(), limits)
+        if verdict is None:
+            return None
+        self.request = verdict.request
+        self.content_type = verdict.content_type
+        return verdict
+
+    def changelog_value(self) -> bytes:
+        """The changelog record for the current state (a PendingRecord, as JSON)."""
+        head = {
+            "schema_version": SCHEMA_VERSION,
+            "request_id": self.request_id,
+            "state": self.state,
+            "received_at": _iso(self.received_at),
+            "attempts": self.attempts,
+            "next_attempt_at": _iso(self.next_attempt_at),
+            "last_error": self.last_error,
+            "conversion_id": self.conversion_id,
+            "submitted_at": _iso(self.submitted_at),
+            "status_calls": self.status_calls,
+            "lost_resubmits": self.lost_resubmits,
+        }
+        text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
+        return text[:-1] + b',"original":' + self.original_json + b"}"
 
 
-def entry_from_record(
-    record: PendingRecord,
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def new_entry(
     *,
     partition: int,
     epoch: int,
-    max_request_bytes: int,
-    max_document_bytes: int,
-    parsed: Accepted | None = None,
-) -> Entry | None:
-    """Rebuild a working entry from its changelog record (None if the stored request is unreadable)."""
-    verdict: Accepted | Rejected
-    if parsed is not None:
-        verdict = parsed
-    else:
-        raw = record.original.value.raw() if record.original.value is not None else None
-        verdict = parse_record(
-            raw, max_request_bytes=max_request_bytes, max_document_bytes=max_document_bytes
-        )
-    if not isinstance(verdict, Accepted):
-        return None
+    original: OriginalRecord,
+    accepted: Accepted,
+    received_at: datetime,
+) -> Entry:
+    """The entry of a request just accepted from the input topic (state `queued`)."""
+    request = accepted.request
     return Entry(
         partition=partition,
         epoch=epoch,
-        record=record,
-        request=verdict.request,
-        content_type=verdict.content_type,
+        request_id=request.request_id,
+        state="queued",
+        received_at=received_at,
+        original_json=original.model_dump_json().encode(),
+        document_type_code=request.document_type_code,
+        metadata=request.metadata,
+        filename=request.filename,
+        request=request,
+        content_type=accepted.content_type,
+    )
+
+
+def entry_from_changelog(value: bytes, *, partition: int, epoch: int, limits: Limits) -> Entry:
+    """Rebuild an entry from a changelog value (raises ValueError if it is unreadable).
+
+    Only requests that may still be submitted are validated and parsed again
+    in full; a submitted conversion needs just its id, its type, metadata and
+    file name, and the original bytes.
+    """
+    record = PendingRecord.model_validate_json(value)
+    original = record.original
+    entry = Entry(
+        partition=partition,
+        epoch=epoch,
+        request_id=record.request_id,
         state=record.state,
+        received_at=record.received_at,
+        original_json=original.model_dump_json().encode(),
+        document_type_code="",
         attempts=record.attempts,
         status_calls=record.status_calls,
         lost_resubmits=record.lost_resubmits,
         conversion_id=record.conversion_id,
         submitted_at=record.submitted_at,
+        next_attempt_at=record.next_attempt_at,
         last_error=record.last_error,
         in_doubt=record.state == "submitting",
     )
+    if record.state == "submitted" and record.conversion_id:
+        fields = json.loads(original.value.raw()) if original.value is not None else None
+        if not isinstance(fields, dict) or not isinstance(fields.get("document_type_code"), str):
+            raise ValueError("the stored request has no document_type_code")
+        entry.document_type_code = fields["document_type_code"]
+        entry.metadata = fields.get("metadata")
+        entry.filename = fields.get("filename")
+        return entry
+    verdict = _parse_original(original, limits)
+    if verdict is None:
+        raise ValueError("the stored request no longer passes validation")
+    entry.request = verdict.request
+    entry.content_type = verdict.content_type
+    entry.document_type_code = verdict.request.document_type_code
+    entry.metadata = verdict.request.metadata
+    entry.filename = verdict.request.filename
+    return entry
+
+
+def _parse_original(original: OriginalRecord, limits: Limits) -> Accepted | None:
+    value = original.value
+    verdict = parse_record(
+        value.raw() if value is not None else None,
+        max_request_bytes=limits.max_request_bytes,
+        max_document_bytes=limits.max_document_bytes,
+    )
+    return verdict if isinstance(verdict, Accepted) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A changelog record that cannot be turned into an entry: it is dead-lettered, not dropped."""
+
+    request_id: str
+    value: bytes
+    error: str
 
 
 def restore_partitions(
-    conf: dict[str, Any], topic: str, partitions: list[int], *, timeout_s: float
-) -> dict[int, dict[str, PendingRecord]]:
+    conf: dict[str, Any],
+    topic: str,
+    partitions: list[int],
+    *,
+    epochs: dict[int, int],
+    limits: Limits,
+    timeout_s: float,
+) -> dict[int, tuple[list[Entry], list[Unreadable]]]:
     """Read the changelog of `partitions` from the beginning to the end (read_committed).
 
-    Returns, per partition, the last live record of every request id
-    (tombstones remove). Raises TimeoutError if the end is not reached in time.
+    Returns, per partition, the entries of every request id whose last record
+    is not a tombstone, and the records that could not be read. Raises
+    TimeoutError if the end is not reached in time.
     """
-    result: dict[int, dict[str, PendingRecord]] = {p: {} for p in partitions}
-    if not partitions:
-        return result
+    latest: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
+    if partitions:
+        _read_to_end(conf, topic, partitions, latest, timeout_s=timeout_s)
+    result: dict[int, tuple[list[Entry], list[Unreadable]]] = {}
+    for p, values in latest.items():
+        entries: list[Entry] = []
+        unreadable: list[Unreadable] = []
+        for rid, value in values.items():
+            try:
+                entries.append(
+                    entry_from_changelog(value, partition=p, epoch=epochs[p], limits=limits)
+                )
+            except ValueError as exc:
+                unreadable.append(Unreadable(rid, value, str(exc).splitlines()[0]))
+        result[p] = (entries, unreadable)
+    return result
+
+
+def _read_to_end(
+    conf: dict[str, Any],
+    topic: str,
+    partitions: list[int],
+    latest: dict[int, dict[str, bytes]],
+    *,
+    timeout_s: float,
+) -> None:
     consumer = Consumer(
         {
             **conf,
@@ -145,7 +277,7 @@ def restore_partitions(
             if high > low:
                 todo.add(p)
         if not todo:
-            return result
+            return
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(todo)])
         deadline = time.monotonic() + timeout_s
         while todo:
@@ -165,20 +297,10 @@ def restore_partitions(
                 if key is None:
                     continue
                 rid = key.decode("utf-8", errors="replace")
-                part = result[partition]
                 value = msg.value()
                 if value is None:
-                    part.pop(rid, None)
-                    continue
-                try:
-                    part[rid] = PendingRecord.model_validate_json(value)
-                except ValueError:
-                    log.error(
-                        "changelog_record_unreadable",
-                        partition=partition,
-                        offset=msg.offset(),
-                        action="skipped; inspect the changelog record",
-                    )
-        return result
+                    latest[partition].pop(rid, None)
+                else:
+                    latest[partition][rid] = value
     finally:
         consumer.close()

@@ -49,7 +49,7 @@ from service.docutray import (
     Submission,
 )
 from service.fetch import FetchError, fetch_document
-from service.intake import Accepted
+from service.intake import Accepted, original_record
 from service.kafkaio import Effect, EngineHooks, KafkaIO, OutRecord, StaleEffect
 from service.messages import DeadLetterReason, PendingRecord, utcnow
 from service.outcomes import (
@@ -61,7 +61,7 @@ from service.outcomes import (
     classify_submit_error,
     describe_error,
 )
-from service.pending import Entry, entry_from_record
+from service.pending import Entry, Limits, Unreadable
 from service.ratelimit import Budget, LimiterTimeout, RateLimiter
 from service.scheduler import DueQueue, PollPolicy, retry_delay_s
 
@@ -97,6 +97,10 @@ class Engine(EngineHooks):
         self._submit_tasks: set[asyncio.Task[None]] = set()
         self._poll_tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        # At most one HTTP call per pooled connection: requests queued inside httpx's pool make
+        # every call scan the whole queue (quadratic CPU); waiting here costs nothing.
+        self._http_slots = asyncio.Semaphore(settings.docutray_max_connections)
+        self._limits = Limits(settings.max_request_bytes, settings.max_document_bytes)
         self._paused: set[str] = set()
         self._stopping = False
         self._fatal: BaseException | None = None
@@ -113,47 +117,34 @@ class Engine(EngineHooks):
         self,
         partition: int,
         epoch: int,
-        records: dict[str, PendingRecord],
-        parsed: Accepted | None = None,
+        entries: list[Entry],
+        unreadable: list[Unreadable] | None = None,
     ) -> None:
-        """Take over pending entries: schedule each by its state.
-
-        `parsed` is the request already judged by the Kafka thread (one new
-        record), so that it is not parsed twice.
-        """
+        """Take over pending entries: schedule each by its state."""
         now_mono = time.monotonic()
         now = utcnow()
-        for rid, record in records.items():
-            entry = entry_from_record(
-                record,
-                partition=partition,
-                epoch=epoch,
-                max_request_bytes=self._s.max_request_bytes,
-                max_document_bytes=self._s.max_document_bytes,
-                parsed=parsed,
-            )
-            if entry is None:
-                self._dead_letter_unreadable(partition, epoch, record)
-                continue
-            key = (partition, rid)
-            self._entries[key] = entry
+        for entry in entries:
+            self._entries[entry.key] = entry
             if entry.state == "submitted" and entry.conversion_id:
-                # Restored (or re-adopted): poll soon, spread out so a restore is no burst.
+                # Restored: poll when the previous owner would have, spread so it is no burst.
                 elapsed = (now - entry.submitted_at).total_seconds() if entry.submitted_at else 0.0
-                entry.submitted_mono = now_mono - max(0.0, elapsed)
+                elapsed = max(0.0, elapsed)
+                entry.submitted_mono = now_mono - elapsed
                 delay = self._policy.next_delay_s(
-                    entry.request.document_type_code,
-                    elapsed_s=max(0.0, elapsed),
+                    entry.document_type_code,
+                    elapsed_s=elapsed,
                     polls_done=entry.status_calls,
                     remaining_s=max(0.0, self._s.conversion_deadline_s - elapsed),
                     rng=self._rng,
                 )
-                self._poll_due.schedule(key, now_mono + min(delay, self._rng.uniform(0, 2.0)))
+                self._poll_due.schedule(entry.key, now_mono + delay * self._rng.uniform(0.1, 1.0))
             else:
                 wait = 0.0
-                if record.next_attempt_at is not None:
-                    wait = max(0.0, (record.next_attempt_at - now).total_seconds())
-                self._submit_due.schedule(key, now_mono + wait)
+                if entry.next_attempt_at is not None:
+                    wait = max(0.0, (entry.next_attempt_at - now).total_seconds())
+                self._submit_due.schedule(entry.key, now_mono + wait)
+        for bad in unreadable or ():
+            self._dead_letter_unreadable(partition, epoch, bad)
         self._update_gauges()
         self._wake.set()
 
@@ -278,11 +269,11 @@ class Engine(EngineHooks):
         return True
 
     def _changelog(self, entry: Entry, *, next_attempt_at: datetime | None = None) -> OutRecord:
-        record = entry.to_record(next_attempt_at=next_attempt_at)
+        entry.next_attempt_at = next_attempt_at
         return OutRecord(
             self._s.changelog,
             entry.request_id.encode(),
-            record.model_dump_json().encode(),
+            entry.changelog_value(),
             None,
             entry.partition,
         )
@@ -319,17 +310,18 @@ class Engine(EngineHooks):
         *,
         error: DocuTrayError | None = None,
     ) -> None:
+        original = entry.original()
         letter = build_dead_letter(
             reason=reason,
             message=message,
-            original=entry.record.original,
+            original=original,
             request_id=entry.request_id,
-            document_type_code=entry.request.document_type_code,
+            document_type_code=entry.document_type_code,
             error=error,
             conversion_id=entry.conversion_id,
             attempts=entry.attempts,
             status_calls=entry.status_calls,
-            received_at=entry.record.received_at,
+            received_at=entry.received_at,
         )
         log.warning(
             "request_dead_lettered",
@@ -346,20 +338,42 @@ class Engine(EngineHooks):
                 self._s.dead_letter_topic,
                 entry.request_id.encode(),
                 letter.model_dump_json().encode(),
-                entry.record.original.header_tuples(),
+                original.header_tuples(),
             ),
             dead_letter=reason.value,
         )
 
-    def _dead_letter_unreadable(self, partition: int, epoch: int, record: PendingRecord) -> None:
+    def _dead_letter_unreadable(self, partition: int, epoch: int, bad: Unreadable) -> None:
+        """A changelog record that can no longer be worked on: dead-letter it, never drop it."""
         assert self.kafka is not None
+        try:
+            record = PendingRecord.model_validate_json(bad.value)
+            original = record.original
+            received_at, attempts = record.received_at, record.attempts
+        except ValueError:
+            original = original_record(
+                topic=self._s.changelog,
+                partition=partition,
+                offset=-1,
+                timestamp_ms=None,
+                key=bad.request_id.encode(),
+                value=bad.value,
+                headers=None,
+            )
+            received_at, attempts = None, 0
         letter = build_dead_letter(
             reason=DeadLetterReason.INVALID_REQUEST,
-            message="pending record's request can no longer be read (changed limits?)",
-            original=record.original,
-            request_id=record.request_id,
-            received_at=record.received_at,
-            attempts=record.attempts,
+            message=f"pending request can no longer be read ({bad.error}); changed limits?",
+            original=original,
+            request_id=bad.request_id,
+            received_at=received_at,
+            attempts=attempts,
+        )
+        log.error(
+            "pending_record_unreadable",
+            request_id=bad.request_id,
+            error=bad.error,
+            action="dead-lettered with the stored record; fix and replay",
         )
         self.kafka.submit(
             Effect(
@@ -368,13 +382,13 @@ class Engine(EngineHooks):
                 records=[
                     OutRecord(
                         self._s.dead_letter_topic,
-                        record.request_id.encode(),
+                        bad.request_id.encode(),
                         letter.model_dump_json().encode(),
-                        record.original.header_tuples(),
+                        original.header_tuples(),
                     ),
-                    OutRecord(self._s.changelog, record.request_id.encode(), None, None, partition),
+                    OutRecord(self._s.changelog, bad.request_id.encode(), None, None, partition),
                 ],
-                finishes=record.request_id,
+                finishes=bad.request_id,
                 dead_letter_reason=DeadLetterReason.INVALID_REQUEST.value,
             )
         )
@@ -385,7 +399,7 @@ class Engine(EngineHooks):
         entry = self._entries.get(key)
         if entry is None:
             return
-        age_s = (utcnow() - entry.record.received_at).total_seconds()
+        age_s = (utcnow() - entry.received_at).total_seconds()
         if entry.attempts > 0 and age_s > self._s.retry_deadline_s and not entry.in_doubt:
             await self._dead_letter(
                 entry,
@@ -393,6 +407,14 @@ class Engine(EngineHooks):
                 f"gave up after {entry.attempts} submit attempts over {age_s:.0f} s "
                 f"(BRIDGE_RETRY_DEADLINE_S={self._s.retry_deadline_s:g}); last error: "
                 f"{entry.last_error}",
+            )
+            return
+        accepted = entry.load_request(self._limits)
+        if accepted is None:
+            await self._dead_letter(
+                entry,
+                DeadLetterReason.INVALID_REQUEST,
+                "the stored request no longer passes validation (were the size limits lowered?)",
             )
             return
         # Step 1: a permit.
@@ -413,7 +435,8 @@ class Engine(EngineHooks):
             entry.in_doubt = False
         # Step 3: the call.
         try:
-            submission = await self._call_submit(entry)
+            async with self._http_slots:
+                submission = await self._call_submit(accepted)
         except (DocuTrayError, FetchError) as exc:
             await self._submit_failed(entry, exc)
             return
@@ -427,6 +450,7 @@ class Engine(EngineHooks):
         entry.submitted_mono = time.monotonic()
         entry.status_calls = 0
         entry.last_error = None
+        entry.request = None  # memory: re-read from the original record if ever needed again
         self._update_gauges()
         log.info(
             "conversion_submitted",
@@ -438,12 +462,12 @@ class Engine(EngineHooks):
         await self._write(
             Effect(entry.partition, entry.epoch, [self._changelog(entry)]), wait=False
         )
-        delay = self._policy.first_delay_s(entry.request.document_type_code, rng=self._rng)
+        delay = self._policy.first_delay_s(entry.document_type_code, rng=self._rng)
         self._poll_due.schedule(entry.key, time.monotonic() + delay)
         self._wake.set()
 
-    async def _call_submit(self, entry: Entry) -> Submission:
-        req = entry.request
+    async def _call_submit(self, accepted: Accepted) -> Submission:
+        req = accepted.request
         src = req.source
         metadata = req.metadata
         if src.url is not None and self._s.fetch_mode:
@@ -475,7 +499,7 @@ class Engine(EngineHooks):
         return await self._client.submit_base64(
             data_b64=src.base64,
             document_type_code=req.document_type_code,
-            content_type=entry.content_type,
+            content_type=accepted.content_type,
             metadata=metadata,
         )
 
@@ -583,7 +607,8 @@ class Engine(EngineHooks):
             return
         entry.status_calls += 1
         try:
-            status = await self._client.get_status(entry.conversion_id)
+            async with self._http_slots:
+                status = await self._client.get_status(entry.conversion_id)
         except DocuTrayError as exc:
             await self._status_failed(entry, exc)
             return
@@ -606,7 +631,7 @@ class Engine(EngineHooks):
             metrics.STATUS_CALLS.labels("in_progress").inc()
             remaining = self._s.conversion_deadline_s - elapsed
             delay = self._policy.next_delay_s(
-                entry.request.document_type_code,
+                entry.document_type_code,
                 elapsed_s=elapsed,
                 polls_done=entry.status_calls,
                 remaining_s=max(0.0, remaining),
@@ -616,7 +641,7 @@ class Engine(EngineHooks):
             self._wake.set()
 
     def _observe_finished(self, entry: Entry, status: ConversionStatus, elapsed: float) -> None:
-        doc_type = entry.request.document_type_code
+        doc_type = entry.document_type_code
         processing = elapsed
         if status.request_timestamp and status.response_timestamp:
             processing = (status.response_timestamp - status.request_timestamp).total_seconds()
@@ -630,10 +655,10 @@ class Engine(EngineHooks):
         result = build_result(
             request_id=entry.request_id,
             status=status,
-            document_type_code=entry.request.document_type_code,
-            metadata=entry.request.metadata,
-            filename=entry.request.filename,
-            received_at=entry.record.received_at,
+            document_type_code=entry.document_type_code,
+            metadata=entry.metadata,
+            filename=entry.filename,
+            received_at=entry.received_at,
             submitted_at=entry.submitted_at,
             status_calls=entry.status_calls,
             submit_attempts=entry.attempts,
@@ -651,7 +676,7 @@ class Engine(EngineHooks):
                 self._s.result_topic,
                 entry.request_id.encode(),
                 result.model_dump_json().encode(),
-                entry.record.original.header_tuples(),
+                entry.header_tuples(),
             ),
         )
 
