@@ -39,7 +39,9 @@ def test_every_setting_is_in_the_readme_table_with_its_default():
         if hasattr(default, "get_secret_value"):
             default = default.get_secret_value()
         expected = "(empty)" if default in ("", None) else f"`{default}`"
-        assert rows[variable] == expected, f"{variable}: README says {rows[variable]}, code {expected}"
+        assert rows[variable] == expected, (
+            f"{variable}: README says {rows[variable]}, code {expected}"
+        )
 
 
 def test_no_unknown_setting_in_the_readme_table():
