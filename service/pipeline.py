@@ -96,6 +96,7 @@ class Engine(EngineHooks):
         self._poll_due: DueQueue[Key] = DueQueue()
         self._submit_tasks: set[asyncio.Task[None]] = set()
         self._poll_tasks: set[asyncio.Task[None]] = set()
+        self._tasks_by_key: dict[Key, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         # At most one HTTP call per pooled connection: requests queued inside httpx's pool make
         # every call scan the whole queue (quadratic CPU); waiting here costs nothing.
@@ -154,6 +155,11 @@ class Engine(EngineHooks):
             del self._entries[key]
             self._submit_due.cancel(key)
             self._poll_due.cancel(key)
+            task = self._tasks_by_key.pop(key, None)
+            if task is not None:
+                # Its work belongs to the partition's next owner now: waiting for a permit or an
+                # answer here would only spend this replica's share of the budget for nothing.
+                task.cancel()
         self._update_gauges()
 
     def fatal(self, exc: BaseException) -> None:
@@ -211,22 +217,25 @@ class Engine(EngineHooks):
                 free = self._s.max_inflight_submits - len(self._submit_tasks)
                 if free > 0:
                     for key in self._submit_due.pop_due(now, limit=free):
-                        self._spawn(self._submit_tasks, self._submit(key))
+                        self._spawn(self._submit_tasks, key, self._submit(key))
                 free = self._s.max_inflight_polls - len(self._poll_tasks)
                 if free > 0:
                     for key in self._poll_due.pop_due(now, limit=free):
-                        self._spawn(self._poll_tasks, self._poll(key))
+                        self._spawn(self._poll_tasks, key, self._poll(key))
             nexts = [t for t in (self._submit_due.next_due_at(), self._poll_due.next_due_at()) if t]
             timeout = min([1.0, *[max(0.0, t - time.monotonic()) for t in nexts]])
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.002))
 
-    def _spawn(self, pool: set[asyncio.Task[None]], coro: Any) -> None:
+    def _spawn(self, pool: set[asyncio.Task[None]], key: Key, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         pool.add(task)
+        self._tasks_by_key[key] = task
 
         def done(t: asyncio.Task[None]) -> None:
             pool.discard(t)
+            if self._tasks_by_key.get(key) is t:
+                del self._tasks_by_key[key]
             self._wake.set()
             if not t.cancelled() and t.exception() is not None:
                 log.error(
