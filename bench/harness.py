@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import secrets
 import selectors
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -75,7 +77,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered))) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def mean(values: list[float]) -> float | None:
@@ -742,7 +744,7 @@ class PySpy:
         self.out_path = out_path
         self.rate_hz = rate_hz
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = out_path.with_suffix(".log")
+        self.log_path = Path(tempfile.gettempdir()) / f"py-spy-{pid}.log"
 
     def __enter__(self) -> PySpy:
         binary = py_spy_binary()
@@ -789,6 +791,7 @@ def summarize_profile(collapsed: Path, *, top: int = 15) -> dict[str, Any]:
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     threads: dict[str, int] = {}
+    by_package: dict[str, int] = {}
     total = 0
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -801,6 +804,8 @@ def summarize_profile(collapsed: Path, *, top: int = 15) -> dict[str, Any]:
         threads[thread] = threads.get(thread, 0) + count
         names = [_frame_name(f) for f in frames[1:]] or [thread]
         own[names[-1]] = own.get(names[-1], 0) + count
+        package = _package(frames[-1]) if len(frames) > 1 else "(thread only)"
+        by_package[package] = by_package.get(package, 0) + count
         for name in set(names):
             inclusive[name] = inclusive.get(name, 0) + count
 
@@ -812,10 +817,21 @@ def summarize_profile(collapsed: Path, *, top: int = 15) -> dict[str, Any]:
     return {
         "samples": total,
         "threads": ranked(threads),
+        "own_by_package": ranked(by_package),
         "top_own": ranked(own),
         "top_inclusive": ranked(inclusive),
         "top_inclusive_service": ranked(service_inclusive),
     }
+
+
+def _package(frame: str) -> str:
+    """The top-level package (or service module, or stdlib module) a frame's code lives in."""
+    where = frame.partition(" (")[2].rstrip(")").rsplit(":", 1)[0]
+    if where.startswith("service/"):
+        return where
+    if where.startswith("<frozen importlib"):
+        return "importlib (failed imports)"
+    return where.split("/", 1)[0].removesuffix(".py")
 
 
 def _frame_name(frame: str) -> str:

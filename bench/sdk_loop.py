@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -160,8 +161,6 @@ def main() -> None:
     consumer.close()
     sys.stdout.flush()
     # Worker threads may sit in status.wait(); a user's process would just exit.
-    import os
-
     os._exit(0)
 
 

@@ -46,6 +46,64 @@ BRIDGE_ENV = {
 }
 
 
+def entry_footprint(n: int = 5000) -> dict[str, Any]:
+    """Bytes per pending entry, measured in this process with tracemalloc.
+
+    Builds `n` entries the way a restore does (``entry_from_changelog`` on
+    changelog values of this scenario's request shape, state ``submitted``).
+    Explains the RSS figure; not a substitute for it (RSS adds the allocator's
+    slack, the engine's queues and the Kafka client's buffers).
+    """
+    import gc
+    import tracemalloc
+    from datetime import UTC, datetime
+
+    from bench.harness import request_value
+    from service.intake import original_record
+    from service.messages import PendingRecord
+    from service.pending import Limits, entry_from_changelog
+
+    png = b64(samples.png(1, 1))
+    now = datetime.now(UTC)
+    values = [
+        PendingRecord(
+            request_id=f"bench-s3-abcdef-{i:06d}",
+            state="submitted",
+            original=original_record(
+                topic="bench-s3-abcdef.requests",
+                partition=i % 6,
+                offset=i,
+                timestamp_ms=1_700_000_000_000,
+                key=f"bench-s3-abcdef-{i:06d}".encode(),
+                value=request_value(
+                    f"bench-s3-abcdef-{i:06d}", document_b64=png, content_type="image/png"
+                ),
+                headers=None,
+            ),
+            received_at=now,
+            attempts=1,
+            conversion_id=f"c{i:024d}",
+            submitted_at=now,
+        )
+        .model_dump_json()
+        .encode()
+        for i in range(n)
+    ]
+    limits = Limits(max_request_bytes=16 * 2**20, max_document_bytes=100 * 2**20)
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    entries = [entry_from_changelog(v, partition=0, epoch=1, limits=limits) for v in values]
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    del entries
+    return {
+        "entries": n,
+        "changelog_value_bytes": sum(map(len, values)) // n,
+        "bytes_per_submitted_entry": used // n,
+    }
+
+
 def _pending(bridge: Bridge, state: str) -> float:
     return bridge.metric("docutray_bridge_pending_conversions", state=state)
 
@@ -117,9 +175,7 @@ def run(ctx: Context) -> dict[str, Any]:
             restore_count = bridge.metric("docutray_bridge_changelog_restore_seconds_count")
             restored = bridge.metric("docutray_bridge_changelog_restored_records_total")
             events = bridge.log_events("changelog_restored")
-            wait_until(
-                lambda: _pending(bridge, "submitted") >= n, 120, "restored entries adopted"
-            )
+            wait_until(lambda: _pending(bridge, "submitted") >= n, 120, "restored entries adopted")
             result["restart_adopted_s"] = round(time.monotonic() - bridge.started_at, 2)
             result["restore_seconds_metric_sum"] = round(restore_sum, 3)
             result["restore_observations"] = int(restore_count)
@@ -137,5 +193,6 @@ def run(ctx: Context) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             run_.delete_topics()
     result["load_average_after"] = load_average()
+    result["footprint"] = entry_footprint()
     result["seconds"] = round(time.monotonic() - started, 1)
     return result

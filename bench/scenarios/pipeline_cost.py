@@ -136,7 +136,7 @@ def run(ctx: Context) -> dict[str, Any]:
     result: dict[str, Any] = {"config": BRIDGE_ENV, "measured": measure(ctx, n)}
     if py_spy_binary() is not None:
         out = ctx.results_dir / "profile-s2.collapsed.txt"
-        profiled = measure(ctx, max(n, 2000), profile_to=out)
+        profiled = measure(ctx, n, profile_to=out)
         result["profiled_run"] = profiled
         result["profile"] = summarize_profile(out) if out.exists() else None
         result["profile_file"] = out.name

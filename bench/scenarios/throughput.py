@@ -38,6 +38,7 @@ from bench.harness import (
     percentile,
     produce_requests,
     redis_url,
+    wait_until,
 )
 from service import samples
 
@@ -112,7 +113,14 @@ class _SdkLoop:
 
 
 def run_contender(
-    ctx: Context, kind: str, *, window_s: float, warmup_s: float, backlog: int, redis: str, seed: int
+    ctx: Context,
+    kind: str,
+    *,
+    window_s: float,
+    warmup_s: float,
+    backlog: int,
+    redis: str,
+    seed: int,
 ) -> dict[str, Any]:
     """Queue `backlog` requests, start the contender, measure over the window, stop it."""
     emulator = _emulator(ctx, kind, seed)
@@ -145,6 +153,13 @@ def run_contender(
             bridges = [run.bridge(f"r{i + 1}", emulator, **env).start() for i in range(replicas)]
             for bridge in bridges:
                 bridge.wait_ready(120)
+
+            def settled() -> bool:
+                owned = [b.metric("docutray_bridge_assigned_partitions") for b in bridges]
+                return all(owned) and sum(owned) == run.partitions
+
+            # The window starts once the group has settled: every replica owns partitions.
+            wait_until(settled, 90, f"{kind}: partitions spread over every replica")
         t0, m0 = time.time(), time.monotonic()
         load_before = load_average()
         w_start, w_end = t0 + warmup_s, t0 + warmup_s + window_s
@@ -194,6 +209,11 @@ def run_contender(
         if o.ok and o.published_at:
             bucket = int((o.published_at - t0) // 10) * 10
             per_10s[str(bucket)] = per_10s.get(str(bucket), 0) + 1
+    calls_per_10s: dict[str, int] = {}
+    for t in stats.get("counted_call_times_s", []):
+        if t >= m0:
+            bucket = str(int((t - m0) // 10) * 10)
+            calls_per_10s[bucket] = calls_per_10s.get(bucket, 0) + 1
     return {
         "contender": kind,
         "window_s": window_s,
@@ -221,6 +241,7 @@ def run_contender(
         "bridge_cpu_s": _r(cpu, 2),
         "bridge_exit_codes": exit_codes,
         "results_per_10s": per_10s,
+        "api_calls_per_10s": calls_per_10s,
         "load_average_before": load_before,
         "load_average_after": load_after,
     }
@@ -232,8 +253,8 @@ def _r(value: float | None, digits: int) -> float | None:
 
 def run(ctx: Context) -> dict[str, Any]:
     """All four contenders (concurrently with ``ctx.parallel``, else one after the other)."""
-    window_s = 40.0 if ctx.quick else 180.0
-    warmup_s = 15.0 if ctx.quick else 30.0
+    window_s = 35.0 if ctx.quick else 180.0
+    warmup_s = 12.0 if ctx.quick else 30.0
     backlog = 1000 if ctx.quick else 3000
     started = time.monotonic()
     with redis_url() as redis:
@@ -246,9 +267,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 ]
                 rows = [f.result() for f in futures]
         else:
-            rows = [
-                run_contender(ctx, kind, seed=i, **kwargs) for i, kind in enumerate(CONTENDERS)
-            ]
+            rows = [run_contender(ctx, kind, seed=i, **kwargs) for i, kind in enumerate(CONTENDERS)]
     by_name = {row["contender"]: row for row in rows}
     naive = by_name["sdk-naive"]["docs_per_min"]
     for row in rows:
@@ -261,4 +280,3 @@ def run(ctx: Context) -> dict[str, Any]:
         "seconds": round(time.monotonic() - started, 1),
         "contenders": rows,
     }
-

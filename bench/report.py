@@ -1,0 +1,351 @@
+"""Judge results against issue 8's targets, print the table, draw the chart, write the README.
+
+Pure functions of the results dict (``bench/results/latest.json``), so the
+table and chart can be rebuilt without running anything:
+``python -m bench.report`` re-renders from the stored JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _row(
+    scenario: str, target: str, measured: str, ok: bool | None, note: str = ""
+) -> dict[str, Any]:
+    return {"scenario": scenario, "target": target, "measured": measured, "pass": ok, "note": note}
+
+
+def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per target of issue 8 that the stored results can answer."""
+    rows: list[dict[str, Any]] = []
+    sc = results.get("scenarios", {})
+    s1 = sc.get("1")
+    if s1 and "contenders" in s1:
+        by = {c["contender"]: c for c in s1["contenders"]}
+        naive = by.get("sdk-naive", {}).get("docs_per_min") or 0
+        for name in ("bridge-1", "bridge-3"):
+            c = by.get(name)
+            if not c:
+                continue
+            rows.append(
+                _row(
+                    "1",
+                    f"{name}: >= 90 % of the physical limit (600 / 2 calls = 300 docs/min)",
+                    f"{c['docs_per_min']} docs/min = {c['share_of_ideal_limit'] * 100:.0f} %",
+                    c["share_of_ideal_limit"] >= 0.9,
+                    f"{c['api_calls_per_doc']} API calls/doc; "
+                    f"{(c['share_of_own_limit'] or 0) * 100:.0f} % of 600 / its own calls per doc",
+                )
+            )
+            rows.append(
+                _row(
+                    "1",
+                    f"{name}: zero 429s",
+                    f"{c['rate_limited_429']} x 429",
+                    c["rate_limited_429"] == 0,
+                )
+            )
+            ratio = c["docs_per_min"] / naive if naive else None
+            rows.append(
+                _row(
+                    "1",
+                    f"{name}: > 20 x the naive loop's docs/min",
+                    f"{ratio:.1f} x ({c['docs_per_min']} vs {naive})" if ratio else "n/a",
+                    bool(ratio and ratio > 20),
+                )
+            )
+    s2 = sc.get("2")
+    if s2 and "measured" in s2:
+        m = s2["measured"]
+        rows.append(
+            _row(
+                "2",
+                ">= 1,000 requests/s per replica",
+                f"{m['requests_per_s']} requests/s ({m['requests']} requests)",
+                m["requests_per_s"] >= 1000,
+            )
+        )
+        rows.append(
+            _row(
+                "2",
+                "< 1 CPU-second per 1,000 requests",
+                f"{m['bridge_cpu_s_per_1000']} CPU-s / 1,000",
+                m["bridge_cpu_s_per_1000"] < 1.0,
+            )
+        )
+    s3 = sc.get("3")
+    if s3 and "rss_mb_peak" in s3:
+        scaled = "" if s3["requests"] >= 100_000 else f"measured at {s3['requests']:,} pending only"
+        rows.append(
+            _row(
+                "3",
+                "< 300 MB RSS with 100,000 pending",
+                f"{max(s3['rss_mb_peak'], s3.get('restart_rss_mb_peak', 0))} MB peak "
+                f"at {s3['requests']:,} pending",
+                max(s3["rss_mb_peak"], s3.get("restart_rss_mb_peak", 0)) < 300
+                if not scaled
+                else None,
+                scaled,
+            )
+        )
+        rows.append(
+            _row(
+                "3",
+                "restore < 10 s",
+                f"{s3['restore_seconds_metric_sum']} s restore metric; "
+                f"{s3['restart_ready_s']} s process start to ready",
+                s3["restart_ready_s"] < 10 if not scaled else None,
+                scaled,
+            )
+        )
+    s4 = sc.get("4")
+    if s4 and "simulated" in s4:
+        for r in s4["simulated"]:
+            if r["policy"] != "adaptive (defaults)":
+                continue
+            rows.append(
+                _row(
+                    "4",
+                    f"median {r['median_s']:g} s (simulated): < 1.5 calls and "
+                    f"p95 delay < {r['target_delay_p95_s']:g} s",
+                    f"{r['status_calls_per_conversion']} calls, p95 {r['detection_delay_p95_s']} s",
+                    r["meets_calls_target"] and r["meets_delay_target"],
+                )
+            )
+        for r in s4.get("live", []):
+            if not r["contender"].startswith("bridge"):
+                continue
+            rows.append(
+                _row(
+                    "4",
+                    f"median {r['median_s']:g} s (live, bridge): < 1.5 calls and "
+                    f"p95 delay < {r['target_delay_p95_s']:g} s",
+                    f"{r['status_calls_per_conversion']} calls, p95 {r['detection_delay_p95_s']} s",
+                    r["meets_calls_target"] and r["meets_delay_target"],
+                )
+            )
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def tables(results: dict[str, Any]) -> str:
+    """The results as Markdown tables (stdout and README share them)."""
+    out: list[str] = []
+    sc = results.get("scenarios", {})
+    s1 = sc.get("1")
+    if s1 and "contenders" in s1:
+        out.append(
+            f"### 1. Throughput at 600 calls/min (median {s1['processing']['median_s']:g} s; "
+            f"{s1['contenders'][0]['window_s']:.0f} s window, mode {s1.get('mode', '?')})\n"
+        )
+        out.append(
+            "| contender | docs/min | x naive | status calls/doc | API calls/doc | API calls/min "
+            "| 429s | share of 300/min | share of own limit | e2e p50/p95 s | submit→result "
+            "p50/p95 s |"
+        )
+        out.append("|" + "---|" * 11)
+        for c in s1["contenders"]:
+            own = c["share_of_own_limit"]
+            out.append(
+                f"| {c['contender']} | {c['docs_per_min']} | {_fmt(c.get('speedup_vs_naive'))} "
+                f"| {_fmt(c['status_calls_per_doc'])} | {_fmt(c['api_calls_per_doc'])} "
+                f"| {c['api_calls_per_min']} | {c['rate_limited_429']} "
+                f"| {c['share_of_ideal_limit'] * 100:.0f} % "
+                f"| {'-' if own is None else f'{own * 100:.0f} %'} "
+                f"| {_fmt(c['latency_e2e_p50_s'])} / {_fmt(c['latency_e2e_p95_s'])} "
+                f"| {_fmt(c['latency_service_p50_s'])} / {_fmt(c['latency_service_p95_s'])} |"
+            )
+        out.append("")
+    s2 = sc.get("2")
+    if s2 and "measured" in s2:
+        m = s2["measured"]
+        out.append(f"### 2. Raw pipeline cost, one replica (mode {s2.get('mode', '?')})\n")
+        out.append(
+            "| requests | seconds | requests/s | bridge CPU-s / 1,000 | cores used "
+            "| emulator CPU-s / 1,000 | dead letters |"
+        )
+        out.append("|" + "---|" * 7)
+        out.append(
+            f"| {m['requests']} | {m['seconds']} | {m['requests_per_s']} "
+            f"| {m['bridge_cpu_s_per_1000']} | {m['bridge_cpu_utilisation_cores']} "
+            f"| {m['emulator_cpu_s_per_1000']} | {m['dead_letters']} |"
+        )
+        out.append("")
+    s3 = sc.get("3")
+    if s3 and "rss_mb_peak" in s3:
+        out.append(f"### 3. Pending set (mode {s3.get('mode', '?')})\n")
+        out.append(
+            "| pending | fill s | submits/s | RSS peak MB | RSS after restart MB "
+            "| restore metric s | start→ready s | start→all adopted s |"
+        )
+        out.append("|" + "---|" * 8)
+        out.append(
+            f"| {s3['requests']:,} | {s3['fill_s']} | {s3['submits_per_s']} | {s3['rss_mb_peak']} "
+            f"| {s3.get('restart_rss_mb_peak')} | {s3['restore_seconds_metric_sum']} "
+            f"| {s3['restart_ready_s']} | {s3.get('restart_adopted_s')} |"
+        )
+        out.append("")
+    s4 = sc.get("4")
+    if s4 and "simulated" in s4:
+        out.append(f"### 4. Polling efficiency (mode {s4.get('mode', '?')})\n")
+        out.append(
+            "| median | policy | status calls/conversion | delay p50 s | delay p95 s "
+            "| target p95 s |"
+        )
+        out.append("|" + "---|" * 6)
+        for r in s4["simulated"]:
+            out.append(
+                f"| {r['median_s']:g} s | {r['policy']} (simulated) "
+                f"| {r['status_calls_per_conversion']} | {r['detection_delay_p50_s']} "
+                f"| {r['detection_delay_p95_s']} | {r['target_delay_p95_s']:g} |"
+            )
+        for r in s4.get("live", []):
+            out.append(
+                f"| {r['median_s']:g} s | {r['contender']} (live, {r['conversions']} conv.) "
+                f"| {r['status_calls_per_conversion']} | {r['detection_delay_p50_s']} "
+                f"| {r['detection_delay_p95_s']} | {r['target_delay_p95_s']:g} |"
+            )
+        out.append("")
+    verdicts = judge(results)
+    if verdicts:
+        out.append("### Targets of issue 8\n")
+        out.append("| scenario | target | measured | result |")
+        out.append("|---|---|---|---|")
+        for v in verdicts:
+            verdict = {True: "PASS", False: "FAIL", None: "n/a"}[v["pass"]]
+            note = f" ({v['note']})" if v["note"] else ""
+            out.append(f"| {v['scenario']} | {v['target']} | {v['measured']}{note} | {verdict} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def chart(results: dict[str, Any], path: Path) -> bool:
+    """Bars: docs/min per contender, API calls per document, status calls per conversion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sc = results.get("scenarios", {})
+    s1 = sc.get("1") if sc.get("1", {}).get("contenders") else None
+    s4 = sc.get("4") if sc.get("4", {}).get("simulated") else None
+    if s1 is None and s4 is None:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    colours = ["#999999", "#bbbbbb", "#2b7bba", "#1a4f7a"]
+    if s1 is not None:
+        names = [c["contender"] for c in s1["contenders"]]
+        docs = [c["docs_per_min"] for c in s1["contenders"]]
+        ax = axes[0]
+        bars = ax.bar(names, docs, color=colours[: len(names)])
+        ax.axhline(300, color="#c0392b", linestyle="--", linewidth=1)
+        ax.text(-0.4, 306, "physical limit 600 / 2 calls = 300", color="#c0392b", fontsize=8)
+        ax.set_ylim(0, 345)
+        ax.axhline(270, color="#c0392b", linestyle=":", linewidth=1)
+        ax.text(-0.4, 250, "90 % target", color="#c0392b", fontsize=8)
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_title("1. Documents per minute at 600 API calls/min")
+        ax.set_ylabel("documents / minute")
+        ax.tick_params(axis="x", labelrotation=15)
+        calls = [c["api_calls_per_doc"] or 0 for c in s1["contenders"]]
+        status = [c["status_calls_per_doc"] or 0 for c in s1["contenders"]]
+        ax = axes[1]
+        bars = ax.bar(names, calls, color=colours[: len(names)])
+        ax.bar_label(bars, fmt="%.2f")
+        ax.scatter(
+            names, status, color="black", marker="_", s=400, zorder=3, label="status calls / doc"
+        )
+        ax.axhline(2, color="#c0392b", linestyle="--", linewidth=1)
+        ax.set_title("1. API calls per document (bar) and status calls (tick)")
+        ax.set_ylabel("calls / document")
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", labelrotation=15)
+    else:
+        axes[0].axis("off")
+        axes[1].axis("off")
+    ax = axes[2]
+    if s4 is not None:
+        medians = sorted({r["median_s"] for r in s4["simulated"]})
+        width = 0.25
+        policies = [
+            ("adaptive (defaults)", "#2b7bba"),
+            ("adaptive, latency-leaning", "#7fb3d5"),
+            ("SDK fixed 2 s", "#999999"),
+        ]
+        for i, (policy, colour) in enumerate(policies):
+            values = [
+                next(
+                    (
+                        r["status_calls_per_conversion"]
+                        for r in s4["simulated"]
+                        if r["median_s"] == m and r["policy"] == policy
+                    ),
+                    0,
+                )
+                for m in medians
+            ]
+            xs = [j + (i - 1) * width for j in range(len(medians))]
+            bars = ax.bar(xs, values, width, label=f"{policy} (sim)", color=colour)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        for r in s4.get("live", []):
+            j = medians.index(r["median_s"]) if r["median_s"] in medians else None
+            if j is None:
+                continue
+            x = j + (-1 if r["contender"].startswith("bridge") else 1) * width
+            ax.scatter(
+                [x],
+                [r["status_calls_per_conversion"]],
+                color="black",
+                marker="D",
+                zorder=3,
+                label="live" if r["contender"].startswith("bridge") else None,
+            )
+        ax.axhline(1.5, color="#c0392b", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(medians)), [f"median {m:g} s" for m in medians])
+        ax.set_yscale("log")
+        ax.set_title("4. Status calls per conversion")
+        ax.legend(fontsize=7)
+    else:
+        ax.axis("off")
+    fig.suptitle(f"docutray-bridge benchmarks ({results.get('mode', '?')} run, 2-core machine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def readme(results: dict[str, Any]) -> str:
+    """`bench/results/README.md`: what was run, the tables, the chart."""
+    return (
+        "# Benchmark results\n\n"
+        "Written by `make bench` (`python -m bench.run`); method and discussion in "
+        "[docs/benchmarks.md](../../docs/benchmarks.md). Raw figures: `latest.json`; "
+        "profile of scenario 2: `profile-s2.collapsed.txt` (py-spy, collapsed stacks).\n\n"
+        f"Last run: {results.get('finished_at', '?')}, mode `{results.get('mode', '?')}`, "
+        f"{results.get('machine', {}).get('cpus', '?')} CPUs, load average before "
+        f"{results.get('machine', {}).get('load_average_before', '?')}.\n\n"
+        "![chart](chart.png)\n\n" + tables(results)
+    )
+
+
+def main() -> None:
+    results = json.loads((RESULTS_DIR / "latest.json").read_text())
+    print(tables(results))
+    chart(results, RESULTS_DIR / "chart.png")
+    (RESULTS_DIR / "README.md").write_text(readme(results))
+
+
+if __name__ == "__main__":
+    main()
