@@ -239,7 +239,8 @@ def restore_partitions(
     for p, values in latest.items():
         entries: list[Entry] = []
         unreadable: list[Unreadable] = []
-        for rid, value in values.items():
+        while values:  # popping frees each value as soon as its entry exists
+            rid, value = values.popitem()
             try:
                 entries.append(
                     entry_from_changelog(value, partition=p, epoch=epochs[p], limits=limits)
@@ -267,6 +268,8 @@ def _read_to_end(
             "isolation.level": "read_committed",
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
+            # Prefetch little: the records are kept (as bytes) until restore ends anyway.
+            "queued.max.messages.kbytes": 8192,
         }
     )
     try:
