@@ -21,7 +21,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -80,6 +80,36 @@ class _OpsServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+async def _watch(
+    kafka: KafkaIO,
+    engine: Engine,
+    ready: Callable[[], Probe],
+    *,
+    timeout_s: float,
+    stopping: asyncio.Event,
+) -> None:
+    """Keep the readiness gauge current, and end the process if the Kafka thread hangs.
+
+    A librdkafka call that never returns (seen after a broker restart, in
+    `send_offsets_to_transaction`) would leave the replica holding partitions
+    and doing nothing; exiting hands them to another replica, and a restart
+    restores everything from the changelog.
+    """
+    while not stopping.is_set():
+        ready()  # updates docutray_bridge_ready even when nobody probes
+        age = time.monotonic() - kafka.heartbeat
+        if age > timeout_s and not kafka.stopped.is_set():
+            log.critical(
+                "kafka_thread_stalled",
+                seconds=round(age, 1),
+                action="exiting so that another replica (or the restarted one) takes over; "
+                "nothing is lost",
+            )
+            engine.fatal(TimeoutError(f"Kafka thread stalled for {age:.0f} s"))
+            return
+        await asyncio.sleep(1.0)
 
 
 def _on_response(endpoint: str, status_code: int | None, duration_s: float) -> None:
@@ -164,6 +194,9 @@ async def run_bridge(settings: Settings) -> int:
     kafka = KafkaIO(ks, loop=loop, hooks=engine)
     engine.kafka = kafka
     stopping = asyncio.Event()
+    # Not ready when a Kafka call has blocked this long (the broker is gone, or librdkafka
+    # hangs): every single call is bounded by 30 s, so longer means something is wrong.
+    stall_ready_s = min(45.0, settings.heartbeat_timeout_s / 2)
 
     def live() -> Probe:
         return liveness(
@@ -174,10 +207,12 @@ async def run_bridge(settings: Settings) -> int:
 
     def ready() -> Probe:
         failure = engine.failure or kafka.error
+        kafka_age = time.monotonic() - kafka.heartbeat
+        stalled = kafka_age > stall_ready_s
         probe = readiness(
             joined=kafka.joined.is_set(),
             stopping=stopping.is_set(),
-            paused=engine.paused_reasons,
+            paused=engine.paused_reasons | ({"kafka_stalled"} if stalled else set()),
             failure=str(failure) if failure else None,
             extra={
                 "assigned_partitions": sorted(kafka.assigned),
@@ -205,6 +240,9 @@ async def run_bridge(settings: Settings) -> int:
     server_task = loop.create_task(server.serve())
     engine_task = loop.create_task(engine.run())
     fatal_wait = loop.create_task(engine.wait_failed())
+    watchdog = loop.create_task(
+        _watch(kafka, engine, ready, timeout_s=settings.heartbeat_timeout_s, stopping=stopping)
+    )
     stop_wait = loop.create_task(stopping.wait())
     log.info("bridge_running", metrics_port=settings.metrics_port)
     await asyncio.wait({stop_wait, fatal_wait, engine_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -218,7 +256,7 @@ async def run_bridge(settings: Settings) -> int:
     left = max(1.0, settings.shutdown_grace_s - (time.monotonic() - started))
     joined = await asyncio.to_thread(kafka.join, left)
     server.should_exit = True
-    for task in (engine_task, fatal_wait, stop_wait):
+    for task in (engine_task, fatal_wait, stop_wait, watchdog):
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await asyncio.wait_for(server_task, timeout=2)

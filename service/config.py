@@ -227,7 +227,7 @@ class Settings(BaseSettings):
         default="info", validation_alias=AliasChoices("BRIDGE_LOG_LEVEL")
     )
     heartbeat_timeout_s: float = Field(
-        default=180.0, gt=0, validation_alias=AliasChoices("BRIDGE_HEARTBEAT_TIMEOUT_S")
+        default=90.0, gt=0, validation_alias=AliasChoices("BRIDGE_HEARTBEAT_TIMEOUT_S")
     )
     instance_id: str = Field(
         default="",

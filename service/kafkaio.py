@@ -143,13 +143,76 @@ class EngineHooks:
         raise NotImplementedError
 
 
+class KafkaErrorLog:
+    """librdkafka's error callback: every client error becomes a structured log event.
+
+    Authentication failures get their own event and say what to fix; the last
+    error is kept so that a start-up failure can name its cause.
+    """
+
+    def __init__(self, client: str) -> None:
+        self.client = client
+        self.last: str | None = None
+        self.auth_failed = False
+
+    def __call__(self, err: KafkaError) -> None:
+        self.last = err.str()
+        if err.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            self.auth_failed = True
+            log.error(
+                "kafka_authentication_failed",
+                client=self.client,
+                error=err.str(),
+                action="Kafka refused the credentials: check KAFKA_SASL_USERNAME / "
+                "KAFKA_SASL_PASSWORD (the Secret) and KAFKA_SASL_MECHANISM",
+            )
+        elif err.fatal():
+            log.critical("kafka_fatal_error", client=self.client, error=err.str())
+        else:
+            log.warning(
+                "kafka_client_error",
+                client=self.client,
+                error=err.str(),
+                action="librdkafka retries by itself; check the brokers if it persists",
+            )
+
+
 def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> int:
     """Create missing topics (if allowed) and return the input topic's partition count.
 
     The changelog is created compacted, with as many partitions as the input
     (co-partitioning), and big enough records for the largest request.
     """
-    admin = AdminClient(settings.common)
+    errors = KafkaErrorLog("admin")
+    conf: dict[str, Any] = {**settings.common, "error_cb": errors}
+    admin = AdminClient(conf)
+    where = settings.common.get("bootstrap.servers")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin.list_topics(timeout=min(5.0, max(0.5, deadline - time.monotonic())))
+            break
+        except KafkaException as exc:
+            admin.poll(0)  # serves the error callback: it knows why
+            if errors.auth_failed:
+                raise BridgeError(
+                    f"Kafka at {where} refused the credentials (SASL authentication failed: "
+                    f"{errors.last}); check KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and "
+                    "KAFKA_SASL_MECHANISM"
+                ) from None
+            if time.monotonic() > deadline:
+                cause = f"; last broker error: {errors.last}" if errors.last else ""
+                raise BridgeError(
+                    f"cannot reach Kafka at {where}: {exc.args[0].str()}{cause}; "
+                    "check KAFKA_BOOTSTRAP_SERVERS and the network"
+                ) from None
+    try:
+        return _ensure_topics(admin, settings, timeout_s=timeout_s)
+    except KafkaException as exc:
+        raise BridgeError(f"Kafka at {where}: {exc.args[0].str()}") from None
+
+
+def _ensure_topics(admin: AdminClient, settings: KafkaSettings, *, timeout_s: float) -> int:
     md = admin.list_topics(timeout=timeout_s)
     input_md = md.topics.get(settings.input_topic)
     partitions = (
@@ -291,6 +354,10 @@ class KafkaIO:
 
     # ---- the thread ----
 
+    def _beat(self) -> None:
+        """Liveness: the thread is making progress (also during long restores and retries)."""
+        self.heartbeat = time.monotonic()
+
     def _run(self) -> None:
         try:
             self._setup()
@@ -319,6 +386,7 @@ class KafkaIO:
                 "message.max.bytes": s.max_request_bytes * 2 + 1024 * 1024,
                 "transaction.timeout.ms": 60_000,
                 "compression.type": "lz4",
+                "error_cb": KafkaErrorLog("producer"),
                 **s.extra_producer,
             }
         )
@@ -334,6 +402,7 @@ class KafkaIO:
                 "partition.assignment.strategy": "cooperative-sticky",
                 "statistics.interval.ms": 5000,
                 "stats_cb": self._on_stats,
+                "error_cb": KafkaErrorLog("consumer"),
                 "max.poll.interval.ms": 300_000,
                 **s.extra_consumer,
             }
@@ -612,6 +681,7 @@ class KafkaIO:
         assert self._producer is not None
         deadline = time.monotonic() + 60
         while True:
+            self.heartbeat = time.monotonic()
             try:
                 self._producer.commit_transaction(30)
                 return
@@ -672,6 +742,7 @@ class KafkaIO:
             epochs=self._epochs,
             limits=Limits(self._s.max_request_bytes, self._s.max_document_bytes),
             timeout_s=self._s.restore_timeout_s,
+            progress=self._beat,
         )
         elapsed = time.monotonic() - started
         count = 0

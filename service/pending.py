@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -225,6 +226,7 @@ def restore_partitions(
     epochs: dict[int, int],
     limits: Limits,
     timeout_s: float,
+    progress: Callable[[], None] | None = None,
 ) -> dict[int, tuple[list[Entry], list[Unreadable]]]:
     """Read the changelog of `partitions` from the beginning to the end (read_committed).
 
@@ -234,7 +236,7 @@ def restore_partitions(
     """
     latest: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
     if partitions:
-        _read_to_end(conf, topic, partitions, latest, timeout_s=timeout_s)
+        _read_to_end(conf, topic, partitions, latest, timeout_s=timeout_s, progress=progress)
     result: dict[int, tuple[list[Entry], list[Unreadable]]] = {}
     for p, values in latest.items():
         entries: list[Entry] = []
@@ -258,6 +260,7 @@ def _read_to_end(
     latest: dict[int, dict[str, bytes]],
     *,
     timeout_s: float,
+    progress: Callable[[], None] | None,
 ) -> None:
     consumer = Consumer(
         {
@@ -285,6 +288,8 @@ def _read_to_end(
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(todo)])
         deadline = time.monotonic() + timeout_s
         while todo:
+            if progress is not None:
+                progress()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"changelog restore of {topic} {sorted(todo)} timed out")
             for msg in consumer.consume(num_messages=10_000, timeout=0.2):
