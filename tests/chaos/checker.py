@@ -94,9 +94,7 @@ class History:
         return not self.lost and not self.duplicates and not self.wrong and not self.unexpected
 
 
-def check_history(
-    expected: Mapping[str, Expectation], observed: Iterable[Observed]
-) -> History:
+def check_history(expected: Mapping[str, Expectation], observed: Iterable[Observed]) -> History:
     """Compare what was sent with what a read_committed reader sees (see the module docstring)."""
     by_id: dict[str | None, list[Observed]] = defaultdict(list)
     for outcome in observed:
@@ -240,3 +238,20 @@ def parse_report_lines(lines: Iterable[str]) -> list[ScenarioReport]:
         data = json.loads(line)
         latest[data["scenario"]] = ScenarioReport(**data)
     return list(latest.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.chaos.checker [FILE]`: the report table of the last run of each scenario."""
+    import sys
+
+    from tests.chaos.harness import report_path
+
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else str(report_path())
+    with open(path) as handle:
+        print(format_table(parse_report_lines(handle)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
