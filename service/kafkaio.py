@@ -248,6 +248,10 @@ def _ensure_topics(admin: AdminClient, settings: KafkaSettings, *, timeout_s: fl
                 "max.message.bytes": max_bytes,
                 "min.compaction.lag.ms": "0",
                 "segment.ms": "600000",
+                # Compact eagerly and drop tombstones after an hour: a restore reads the whole
+                # uncompacted tail, so a short one keeps restores fast and small.
+                "min.cleanable.dirty.ratio": "0.1",
+                "delete.retention.ms": "3600000",
             },
         ),
     }
