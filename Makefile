@@ -16,7 +16,7 @@ STACK := scripts/stack
 STACK_ENV := $(or $(STACK_DIR),.stack)/env
 # Export the local stack's connection settings (KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, STACK_*).
 WITH_STACK_ENV := set -a && source $(STACK_ENV) && set +a
-PYTEST_ARGS ?= -ra
+PYTEST_ARGS ?= -ra -n 2 --dist loadfile
 BENCH_ARGS ?=
 SOAK_ARGS ?=
 
