@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
+import structlog
+
+from service import logging as bridge_logging
 
 pytest_plugins = [
     "tests.fixtures.stack",
@@ -17,3 +23,22 @@ _LAST = ("tests/test_deploy.py",)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Move the deploy checks to the end of the run (stable order otherwise)."""
     items.sort(key=lambda item: any(item.nodeid.startswith(p) for p in _LAST))
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put structlog, the stdlib root logger and the registered secrets back after a test."""
+    was_configured = structlog.is_configured()
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    secrets = set(bridge_logging._secrets)
+    yield
+    bridge_logging._secrets.clear()
+    bridge_logging._secrets.update(secrets)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    if was_configured:
+        structlog.configure(**config)
+    else:
+        structlog.reset_defaults()

@@ -7,17 +7,13 @@ the commands that talk to the broker are tested end to end elsewhere.
 from __future__ import annotations
 
 import json
-import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import pytest
-import structlog
 from click.testing import CliRunner, Result
 
-from service import logging as bridge_logging
 from service.cli import main
 from service.messages import DeadLetterReason
 
@@ -40,23 +36,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Commands configure logging on the runner's (soon closed) stderr: undo that."""
-    was_configured = structlog.is_configured()
-    config = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    secrets = set(bridge_logging._secrets)
-    yield
-    bridge_logging._secrets.clear()
-    bridge_logging._secrets.update(secrets)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    if was_configured:
-        structlog.configure(**config)
-    else:
-        structlog.reset_defaults()
+#: Commands configure logging on the runner's (soon closed) stderr: undo that.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture

@@ -5,36 +5,19 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import structlog
 
-from service import logging as bridge_logging
 from service.logging import configure_logging, register_secret, register_secrets, scrub
 
 SECRET = "dtk_live_Zq8Wm2Lp0Xr5Tn7Vb3Kc"
 OTHER_SECRET = "sc4am-pa55w0rd-4d5e6f"
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Give every test a clean slate and put the process's logging back as it was."""
-    was_configured = structlog.is_configured()
-    config = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    secrets = set(bridge_logging._secrets)
-    yield
-    bridge_logging._secrets.clear()
-    bridge_logging._secrets.update(secrets)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    if was_configured:
-        structlog.configure(**config)
-    else:
-        structlog.reset_defaults()
+#: Every test gets a clean slate; the process's logging is put back as it was.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 class TtyBuffer(io.StringIO):
