@@ -9,7 +9,6 @@ paused by a systemic error. Both answer JSON that says why.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -88,8 +87,3 @@ def create_ops_app(*, live: Callable[[], Probe], ready: Callable[[], Probe]) -> 
             Route("/readyz", readyz),
         ]
     )
-
-
-def monotonic() -> float:
-    """The clock the heartbeats use."""
-    return time.monotonic()

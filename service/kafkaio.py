@@ -426,7 +426,7 @@ class KafkaIO:
 
     def _iterate(self) -> None:
         assert self._consumer is not None
-        self.heartbeat = time.monotonic()
+        self._beat()
         self._drain_commands()
         self._apply_pause()
         due_in = self._s.commit_interval_s - (time.monotonic() - self._last_commit)
@@ -685,7 +685,7 @@ class KafkaIO:
         assert self._producer is not None
         deadline = time.monotonic() + 60
         while True:
-            self.heartbeat = time.monotonic()
+            self._beat()
             try:
                 self._producer.commit_transaction(30)
                 return

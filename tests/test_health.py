@@ -8,7 +8,7 @@ from collections.abc import Callable
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics
-from service.health import Probe, create_ops_app, liveness, monotonic, readiness
+from service.health import Probe, create_ops_app, liveness, readiness
 
 with warnings.catch_warnings():
     # Starlette 1.x nags about preferring `httpx2`; httpx is what the project pins.
@@ -41,10 +41,6 @@ def test_heartbeat_exactly_at_the_timeout_is_alive() -> None:
 
 def test_no_heartbeats_yet_is_alive() -> None:
     assert liveness(now=5.0, heartbeats={}, timeout_s=1.0).ok
-
-
-def test_monotonic_clock_moves_forward() -> None:
-    assert monotonic() <= monotonic()
 
 
 # --------------------------------------------------------------------------- readiness
