@@ -124,6 +124,18 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(
         default=1, ge=1, validation_alias=AliasChoices("BRIDGE_TOPIC_REPLICATION_FACTOR")
     )
+    max_result_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        validation_alias=AliasChoices("BRIDGE_MAX_RESULT_BYTES"),
+        description="max.message.bytes of a results topic the bridge creates.",
+    )
+    dedupe_window_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        validation_alias=AliasChoices("BRIDGE_DEDUPE_WINDOW_S"),
+        description="How long a finished request id is remembered (dedupe topic retention).",
+    )
 
     # Processing
     commit_interval_ms: int = Field(
