@@ -8,7 +8,9 @@ Three families of variables:
 - any other ``KAFKA_*`` variable passes straight through to librdkafka:
   ``KAFKA_SECURITY_PROTOCOL=SASL_SSL`` becomes ``security.protocol``
   (underscores become dots; write a literal underscore as ``__``), so
-  SASL/TLS clusters work without code changes.
+  SASL/TLS clusters work without code changes. Each name is checked against
+  librdkafka when settings load: an unknown one stops start-up (Kubernetes
+  service-link variables such as ``KAFKA_UI_SERVICE_HOST`` are ignored).
 
 A bad value fails at start-up with one line naming the variable
 (:func:`load_settings` raises :class:`SettingsError`); secret values are never
@@ -22,6 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from confluent_kafka import KafkaException, Producer
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -29,12 +32,21 @@ from service.errors import BridgeError
 
 #: Variables that are ours and must not be passed to librdkafka.
 _KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS"})
-#: Variables others set that are not librdkafka properties: Kubernetes service links for a
-#: Service named `kafka` (KAFKA_PORT, KAFKA_SERVICE_HOST, KAFKA_PORT_9092_TCP_ADDR...) and the
-#: Kafka distribution's own JVM settings.
+#: Variables others set that are not librdkafka properties, ignored by the pass-through.
+#: Kubernetes service links: every Service in the namespace gives `<NAME>_SERVICE_HOST`,
+#: `<NAME>_SERVICE_PORT[_<port name>]`, `<NAME>_PORT` and `<NAME>_PORT_<n>_<TCP|UDP|SCTP>[_ADDR|
+#: _PORT|_PROTO]`, so Services named `kafka`, `kafka-ui` or a Strimzi `kafka-kafka-bootstrap`
+#: inject KAFKA_PORT, KAFKA_UI_SERVICE_HOST, KAFKA_UI_PORT_8080_TCP_ADDR... (the chart turns
+#: them off with `enableServiceLinks: false`; this covers other manifests). Also the Kafka
+#: distribution's own JVM settings (KAFKA_HEAP_OPTS...).
 _KAFKA_FOREIGN = re.compile(
-    r"^KAFKA_(PORT(_.*)?|SERVICE_.*|HEAP_OPTS|OPTS|JVM_.*|JMX_.*|LOG4J_.*|GC_.*)$"
+    r"^KAFKA_(?:\w+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT"
+    r"|PORT_\d+_(?:TCP|UDP|SCTP)(?:_(?:ADDR|PORT|PROTO))?)$"
+    r"|^KAFKA_(?:HEAP_OPTS|OPTS|JVM_.*|JMX_.*|LOG4J_.*|GC_.*)$"
 )
+#: A property librdkafka never has: set after a probed one, it stops the probe client's
+#: configuration before any client is created (see `_librdkafka_refusal`).
+_PROBE_SENTINEL = "docutray.bridge.unknown.probe"
 #: Fragments that mark a librdkafka property (or any setting) as secret.
 SECRET_MARKERS = ("password", "secret", "key", "token", "credential", "jaas")
 
@@ -278,14 +290,21 @@ def kafka_passthrough(
     only (e.g. ``KAFKA_CONSUMER_SESSION_TIMEOUT_MS``), so that a client never
     gets properties that are not its own.
     """
+    return {prop: value for _, prop, value in _passthrough_items(environ, kind)}
+
+
+def _passthrough_items(
+    environ: Mapping[str, str] | None, kind: KafkaClientKind
+) -> list[tuple[str, str, str]]:
+    """(variable, librdkafka property, value) of every pass-through variable of `kind`."""
     env = os.environ if environ is None else environ
-    out: dict[str, str] = {}
+    out: list[tuple[str, str, str]] = []
     for name, value in env.items():
         upper = name.upper()
+        if not upper.startswith("KAFKA_") or _KAFKA_FOREIGN.match(upper):
+            continue
         if kind == "common":
-            if not upper.startswith("KAFKA_") or upper in _KAFKA_RESERVED:
-                continue
-            if _KAFKA_FOREIGN.match(upper) or upper.startswith(tuple(_CLIENT_PREFIXES.values())):
+            if upper in _KAFKA_RESERVED or upper.startswith(tuple(_CLIENT_PREFIXES.values())):
                 continue
             prefix = "KAFKA_"
         else:
@@ -293,8 +312,54 @@ def kafka_passthrough(
             if not upper.startswith(prefix):
                 continue
         prop = upper[len(prefix) :].lower().replace("__", "\0").replace("_", ".")
-        out[prop.replace("\0", "_")] = value
+        out.append((name, prop.replace("\0", "_"), value))
     return out
+
+
+def _librdkafka_refusal(prop: str, value: str) -> str | None:
+    """librdkafka's reason to refuse `prop=value` (unknown name, bad value), or None.
+
+    librdkafka has no public list of its properties; its configuration call is the
+    authority. The probe sets the property, then `_PROBE_SENTINEL`, which is always
+    unknown: configuration stops there, so no client (thread, socket) is ever created.
+    Cross-property checks that run when a real client is created are not made here.
+    """
+    try:
+        Producer({prop: value, _PROBE_SENTINEL: "1"})
+    except KafkaException as exc:
+        reason = str(exc.args[0].str()) if exc.args else str(exc)
+    except (TypeError, ValueError) as exc:  # confluent-kafka's own keys (error_cb...) want code
+        reason = str(exc)
+    else:  # pragma: no cover - the sentinel cannot be set
+        return None
+    if f'"{_PROBE_SENTINEL}"' in reason:
+        return None
+    return " ".join(reason.split())
+
+
+def check_kafka_passthrough(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a pass-through variable that librdkafka does not take, naming the variable.
+
+    Service-link shapes and the Kafka distribution's variables are ignored (see
+    `_KAFKA_FOREIGN`); anything else that is not a librdkafka property raises
+    SettingsError with one line. A value librdkafka refuses (wrong type, out of range)
+    does too; a secret property's value is never echoed.
+    """
+    kinds: tuple[KafkaClientKind, ...] = ("common", "consumer", "producer")
+    for kind in kinds:
+        for variable, prop, value in _passthrough_items(environ, kind):
+            reason = _librdkafka_refusal(prop, value)
+            if reason is None:
+                continue
+            if reason.startswith("No such configuration property"):
+                raise SettingsError(
+                    f"unknown setting {variable}: librdkafka has no property {prop!r} "
+                    "(KAFKA_* variables pass through to librdkafka: underscores become dots, "
+                    "__ an underscore)"
+                )
+            if is_secret_property(prop):
+                raise SettingsError(f"invalid setting {variable}: librdkafka refuses its value")
+            raise SettingsError(f"invalid setting {variable}: {reason}")
 
 
 def kafka_common_config(
@@ -330,7 +395,7 @@ def _variable_name(loc: tuple[int | str, ...]) -> str:
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment; raise SettingsError with one clear line on a bad value."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
         name = _variable_name(tuple(err.get("loc", ())))
@@ -340,3 +405,5 @@ def load_settings(**overrides: Any) -> Settings:
         value = err.get("input")
         shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
         raise SettingsError(f"invalid setting {name}: {msg}{shown}") from None
+    check_kafka_passthrough()
+    return settings

@@ -3,8 +3,12 @@ one-line errors that name the variable and never echo a secret, redaction."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -326,3 +330,145 @@ def test_client_specific_kafka_variables_reach_only_their_client():
     assert kafka_passthrough(env) == {"security.protocol": "SASL_SSL"}
     assert kafka_passthrough(env, kind="consumer") == {"session.timeout.ms": "10000"}
     assert kafka_passthrough(env, kind="producer") == {"linger.ms": "20"}
+
+
+# --------------------------------------------------------------------------- pass-through names
+
+SERVICE_LINK_VARIABLES = {
+    # A Service named kafka-ui (port 8080) in the namespace.
+    "KAFKA_UI_SERVICE_HOST": "10.0.0.1",
+    "KAFKA_UI_SERVICE_PORT": "8080",
+    "KAFKA_UI_SERVICE_PORT_HTTP": "8080",
+    "KAFKA_UI_PORT": "tcp://10.0.0.1:8080",
+    "KAFKA_UI_PORT_8080_TCP": "tcp://10.0.0.1:8080",
+    "KAFKA_UI_PORT_8080_TCP_ADDR": "10.0.0.1",
+    "KAFKA_UI_PORT_8080_TCP_PORT": "8080",
+    "KAFKA_UI_PORT_8080_TCP_PROTO": "tcp",
+    # A Strimzi cluster named kafka: its bootstrap Service.
+    "KAFKA_KAFKA_BOOTSTRAP_SERVICE_HOST": "10.0.0.2",
+    "KAFKA_KAFKA_BOOTSTRAP_SERVICE_PORT_TCP_REPLICATION": "9091",
+    "KAFKA_KAFKA_BOOTSTRAP_PORT_9093_TCP_ADDR": "10.0.0.2",
+    # A Service named kafka, UDP and SCTP ports, a Service named kafka-consumer.
+    "KAFKA_PORT": "tcp://10.0.0.3:9092",
+    "KAFKA_SERVICE_HOST": "10.0.0.3",
+    "KAFKA_METRICS_PORT_53_UDP_PROTO": "udp",
+    "KAFKA_GW_PORT_9999_SCTP": "sctp://10.0.0.4:9999",
+    "KAFKA_CONSUMER_SERVICE_HOST": "10.0.0.5",
+    "KAFKA_PRODUCER_PORT_80_TCP": "tcp://10.0.0.6:80",
+}
+
+
+def _one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_service_link_variables_are_ignored(clean_env: pytest.MonkeyPatch) -> None:
+    for name, value in SERVICE_LINK_VARIABLES.items():
+        clean_env.setenv(name, value)
+    clean_env.setenv("KAFKA_CLIENT_ID", "bridge")
+    load_settings()  # does not raise
+    assert kafka_passthrough() == {"client.id": "bridge"}
+    assert kafka_passthrough(kind="consumer") == {}
+    assert kafka_passthrough(kind="producer") == {}
+
+
+@pytest.mark.parametrize("variable", sorted(SERVICE_LINK_VARIABLES))
+def test_ignored_service_link_shapes_are_not_librdkafka_properties(variable: str) -> None:
+    """Ignoring the shape hides nothing: librdkafka has no property of that name."""
+    prop = variable.removeprefix("KAFKA_").lower().replace("_", ".")
+    with pytest.raises(KafkaException, match="No such configuration property"):
+        Producer({prop: "1"})
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["KAFKA_BOGUS_THING", "KAFKA_SECURITY_PROTOCOLL", "KAFKA_CONSUMER_BOGUS", "KAFKA_PRODUCER_X"],
+)
+def test_unknown_kafka_variable_stops_loading(clean_env: pytest.MonkeyPatch, variable: str) -> None:
+    clean_env.setenv(variable, "1")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = _one_line(str(info.value))
+    assert message.startswith(f"unknown setting {variable}: librdkafka has no property")
+
+
+def test_refused_kafka_value_names_the_variable(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("KAFKA_SECURITY_PROTOCOL", "nope")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = _one_line(str(info.value))
+    assert message.startswith("invalid setting KAFKA_SECURITY_PROTOCOL:")
+    assert "nope" in message
+    clean_env.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    clean_env.setenv("KAFKA_PRODUCER_LINGER_MS", "-5")
+    with pytest.raises(SettingsError, match=r"^invalid setting KAFKA_PRODUCER_LINGER_MS: .*range"):
+        load_settings()
+
+
+def test_refused_secret_value_is_not_echoed(
+    clean_env: pytest.MonkeyPatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every secret librdkafka property takes any string, so pretend one with a typed value is.
+    monkeypatch.setattr("service.config.is_secret_property", lambda name: True)
+    clean_env.setenv("KAFKA_SECURITY_PROTOCOL", "hunter2-secret")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert (
+        str(info.value) == "invalid setting KAFKA_SECURITY_PROTOCOL: librdkafka refuses its value"
+    )
+
+
+def test_known_kafka_variables_load(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    clean_env.setenv("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    clean_env.setenv("KAFKA_SASL_PASSWORD", SASL_PASSWORD)
+    clean_env.setenv("KAFKA_SSL_CA_LOCATION", "/does/not/exist/ca.crt")  # read by the client only
+    clean_env.setenv("KAFKA_CONSUMER_SESSION_TIMEOUT_MS", "6000")
+    clean_env.setenv("KAFKA_PRODUCER_LINGER_MS", "20")
+    clean_env.setenv("KAFKA_HEAP_OPTS", "-Xmx1g")
+    load_settings()  # does not raise
+
+
+def test_the_name_check_creates_no_client(clean_env: pytest.MonkeyPatch) -> None:
+    """The probe stops inside configuration: no librdkafka thread is ever started."""
+    clean_env.setenv("KAFKA_SECURITY_PROTOCOL", "SSL")
+    clean_env.setenv("KAFKA_CONSUMER_GROUP_ID", "g")
+    before = len(os.listdir("/proc/self/task"))
+    for _ in range(20):
+        load_settings()
+    assert len(os.listdir("/proc/self/task")) == before
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.upper().startswith(("BRIDGE_", "DOCUTRAY_", "KAFKA_")) and k != "REDIS_URL"
+    }
+    exe = Path(sys.executable).parent / "docutray-bridge"
+    return subprocess.run(
+        [str(exe), *args], env={**base, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_run_with_an_unknown_kafka_variable_exits_2_with_one_line() -> None:
+    proc = _cli("run", env={"KAFKA_BOGUS_THING": "1", "DOCUTRAY_API_KEY": API_KEY})
+    assert proc.returncode == 2, proc.stderr
+    line = _one_line(proc.stderr)
+    assert line.startswith("error: unknown setting KAFKA_BOGUS_THING: ")
+    assert "'bogus.thing'" in line
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_ignores_a_kubernetes_service_link() -> None:
+    env = {"KAFKA_UI_PORT_8080_TCP": "tcp://10.0.0.1:8080"}
+    # Without an API key `run` stops right after the settings loaded: past the name check.
+    proc = _cli("run", env=env)
+    assert proc.returncode == 2
+    assert _one_line(proc.stderr) == "error: DOCUTRAY_API_KEY is not set"
+    shown = _cli("settings", env=env)
+    assert shown.returncode == 0, shown.stderr
+    kafka = json.loads(shown.stdout)["kafka"]
+    assert kafka == {"bootstrap.servers": "localhost:9092"}
