@@ -173,30 +173,43 @@ def test_compacted_topic_is_created_through_admin_client(
     assert _topic_config(kafka_admin, plain)["cleanup.policy"] == "delete"
 
 
-def test_broker_accepts_documents_up_to_20_mb(
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = "1048588"  # Kafka's own default for message.max.bytes
+
+
+def test_broker_keeps_kafka_default_limits_and_a_topic_can_raise_its_own(
     kafka_bootstrap: str, kafka_admin: AdminClient, make_topic: MAKE_TOPIC
 ) -> None:
-    topic = make_topic("big", partitions=1)
-    assert _topic_config(kafka_admin, topic)["max.message.bytes"] == "20971520"
+    """Like a user's cluster: 1 MB by default, more only where the topic's creator asks."""
+    plain = make_topic("small", partitions=1)
+    assert _topic_config(kafka_admin, plain)["max.message.bytes"] == KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    big_topic = make_topic("big", partitions=1, config={"max.message.bytes": "20971520"})
+    assert _topic_config(kafka_admin, big_topic)["max.message.bytes"] == "20971520"
+
     big = os.urandom(15 * 1024 * 1024)
-    results: list[KafkaError | None] = []
+    results: dict[str, KafkaError | None] = {}
     producer = Producer(
         {
             "bootstrap.servers": kafka_bootstrap,
-            "message.max.bytes": 30 * 1024 * 1024,
+            "message.max.bytes": 30 * 1024 * 1024,  # client side: let the broker decide
             "compression.type": "none",
         }
     )
-    producer.produce(topic, value=big, on_delivery=lambda err, _msg: results.append(err))
-    producer.produce(
-        topic, value=os.urandom(21 * 1024 * 1024), on_delivery=lambda e, _m: results.append(e)
-    )
+
+    def report(name: str) -> Callable[[KafkaError | None, Any], None]:
+        return lambda err, _msg: results.__setitem__(name, err)
+
+    producer.produce(plain, value=os.urandom(2 * 1024 * 1024), on_delivery=report("2mb-plain"))
+    producer.produce(big_topic, value=big, on_delivery=report("15mb-big"))
+    producer.produce(big_topic, value=os.urandom(21 * 1024 * 1024), on_delivery=report("21mb-big"))
     assert producer.flush(60) == 0
-    assert results[0] is None
-    assert results[1] is not None
-    assert results[1].code() == KafkaError.MSG_SIZE_TOO_LARGE
-    [record] = consume_all(kafka_bootstrap, topic)
+    assert results["15mb-big"] is None
+    for name in ("2mb-plain", "21mb-big"):
+        error = results[name]
+        assert error is not None, name
+        assert error.code() == KafkaError.MSG_SIZE_TOO_LARGE, name
+    [record] = consume_all(kafka_bootstrap, big_topic)
     assert record.value == big
+    assert consume_all(kafka_bootstrap, plain) == []
 
 
 def test_sasl_scram_listener_accepts_the_stack_user_and_rejects_a_bad_password(
@@ -317,7 +330,7 @@ def test_server_properties_make_transactions_work_on_one_node(
         assert settings[key] == "1", key
     assert settings["auto.create.topics.enable"] == "false"
     assert settings["group.initial.rebalance.delay.ms"] == "0"
-    assert settings["message.max.bytes"] == "20971520"
+    assert not [key for key in settings if "max.bytes" in key]  # Kafka's default limits
     assert settings["controller.quorum.bootstrap.servers"] == "127.0.0.1:2"
     assert "SASL_PLAINTEXT://127.0.0.1:3" in settings["listeners"]
 
