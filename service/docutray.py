@@ -1,8 +1,9 @@
 """The DocuTray HTTP client and the error taxonomy the pipeline acts on.
 
 The client speaks the asynchronous conversion API described in
-``docutray-api.md``: submit a document in one of three forms (multipart
-upload, JSON base64, JSON URL), then poll its status. It never retries: the
+``docs/docutray-api.md``: submit a document in one of three forms (multipart
+upload, JSON base64, JSON URL), poll its status, read the month's usage. It
+never retries: the
 pipeline owns retries because it knows the shared rate limit and the
 deadlines. Every failure is mapped once, here, to the most specific class
 below, so callers decide with ``isinstance`` and never by parsing strings::
@@ -13,17 +14,21 @@ below, so callers decide with ``isinstance`` and never by parsing strings::
     │                              too_large, source_unavailable}, .errors (400's list)
     ├── TransientError             retry with backoff (and honour RateLimited's wait)
     │   ├── RateLimited            429; .retry_after_s .reset_at .limit_type .limit
+    │   │                          .remaining .long_window (limit_type hour or day)
     │   ├── ServerError            5xx
     │   ├── ApiTimeout             httpx timeout; .maybe_processed
     │   ├── ApiUnreachable         connection-level failure; .maybe_processed
-    │   └── UnexpectedResponse     a status or body the contract does not describe
+    │   └── UnexpectedResponse     a status or body the contract does not describe, or
+    │                              any other failure of the HTTP stack (e.g. a body that
+    │                              cannot be decoded): never a raw exception
     ├── SystemicError              nobody's request is at fault: pause everything
     │   ├── InvalidApiKey          401
     │   ├── AccessDenied           403 outside the status endpoint (key lacks a permission)
-    │   └── EndpointNotFound       a 404 that is not the contract's (wrong base URL)
+    │   ├── EndpointNotFound       a 404 that is not the contract's (wrong base URL)
+    │   └── QuotaExhausted         402: the monthly quota is spent; .quota .used .reset_at
     └── ConversionLost             status 404 (unknown id) or 403 (not ours)
 
-Status → class, per endpoint:
+Status → class, per endpoint (``usage`` maps like ``document_types``):
 
 ====== ================================= =============================== ==================
 status submit                            status                          document_types
@@ -33,6 +38,7 @@ status submit                            status                          documen
        message/errors say the format or
        file type is not supported)
 401    InvalidApiKey                     InvalidApiKey                   InvalidApiKey
+402    QuotaExhausted                    QuotaExhausted                  QuotaExhausted
 403    AccessDenied                      ConversionLost                  AccessDenied
 404    source_unavailable (URL form and  ConversionLost (JSON body) or   EndpointNotFound
        a JSON body), else                EndpointNotFound
@@ -48,6 +54,12 @@ status submit                            status                          documen
 other  UnexpectedResponse                UnexpectedResponse              UnexpectedResponse
 2xx    UnexpectedResponse when the body is not JSON or lacks required fields
 ====== ================================= =============================== ==================
+
+A 402 is documented only indirectly (``/api/usage`` "is never blocked by
+429/402"), so its body is read leniently: ``quota``, ``used`` and
+``resetDate`` when present and sensible, None otherwise. DocuTray answers it
+to conversion calls; the status and usage endpoints keep working, so a 402
+there is mapped the same way but should not happen.
 
 Why ``UnexpectedResponse`` is transient: an unknown status or a garbled 2xx
 says more about a proxy or an API change than about the document, so
@@ -81,7 +93,7 @@ from urllib.parse import quote
 
 import httpx
 import structlog
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service import __version__
 
@@ -100,6 +112,8 @@ __all__ = [
     "Endpoint",
     "EndpointNotFound",
     "InvalidApiKey",
+    "QuotaExhausted",
+    "RateLimitWindow",
     "RateLimited",
     "RejectReason",
     "RequestRejected",
@@ -110,8 +124,11 @@ __all__ = [
     "TransientError",
     "UnexpectedResponse",
     "UploadSizeMismatch",
+    "Usage",
+    "error_from_exception",
     "error_from_response",
     "error_from_transport",
+    "parse_quota",
     "parse_rate_limit",
     "parse_reset_time",
     "parse_retry_after_header",
@@ -121,9 +138,13 @@ log = structlog.get_logger(__name__)
 
 DocumentTypeCode = str
 ConversionState = Literal["ENQUEUED", "PROCESSING", "SUCCESS", "ERROR"]
-Endpoint = Literal["submit", "status", "document_types"]
+Endpoint = Literal["submit", "status", "document_types", "usage"]
 SubmitForm = Literal["upload", "base64", "url"]
 RejectReason = Literal["invalid_request", "unsupported_format", "too_large", "source_unavailable"]
+RateLimitWindow = Literal["minute", "hour", "day"]
+"""The windows a 429's ``limitType`` names [doc]; other values are kept as sent."""
+
+_LONG_WINDOWS: frozenset[str] = frozenset({"hour", "day"})
 
 TERMINAL_STATES: frozenset[ConversionState] = frozenset({"SUCCESS", "ERROR"})
 _REDACTED = "[REDACTED]"
@@ -146,6 +167,8 @@ _UNSUPPORTED_FORMAT_RES = (
 )
 # Above this a resetTime is milliseconds since the epoch, below it seconds.
 _RESET_TIME_MS_THRESHOLD = 1e12
+# Error bodies kept on exceptions are cut below this nesting depth (scrubbing recurses).
+_MAX_BODY_DEPTH = 16
 _UPLOAD_CHUNK_BYTES = 256 * 1024
 _JSON_CHUNK_CHARS = 1024 * 1024
 # Characters that need no JSON escaping and cover base64 and data-URI prefixes.
@@ -178,11 +201,35 @@ class ConversionStatus(BaseModel):
     original_filename: str | None = None
     data: dict[str, Any] | None = None
     error: str | None = None
+    pages: int | None = Field(
+        default=None, validation_alias=AliasChoices("pages", "page_count", "pageCount")
+    )
+    """Pages the conversion counted, when the API says so; the contract has no such field
+    [inferred], so any of three spellings is read and an odd value is None, never an error."""
+
+    @field_validator("pages", mode="before")
+    @classmethod
+    def _lenient_pages(cls, value: Any) -> int | None:
+        number = _as_float(value)
+        if number is None or number < 0 or number != int(number):
+            return None
+        return int(number)
 
     @property
     def terminal(self) -> bool:
         """True for SUCCESS and ERROR: no later poll can change the answer."""
         return self.status in TERMINAL_STATES
+
+
+class Usage(BaseModel):
+    """``GET /api/usage``: what the key's organisation consumed in one calendar month [doc]."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    year: int
+    month: int = Field(ge=1, le=12)
+    successful_pages: int = Field(ge=0)
+    successful_conversions: int = Field(ge=0)
 
 
 class DocumentType(BaseModel):
@@ -272,7 +319,14 @@ class TransientError(DocuTrayError):
 
 
 class RateLimited(TransientError):
-    """HTTP 429: wait at least ``retry_after_s`` (when known) before the next call."""
+    """HTTP 429: wait at least ``retry_after_s`` (when known) before the next call.
+
+    ``limit_type`` is the window that is spent, lower-cased: ``minute``,
+    ``hour`` or ``day`` [doc] (another value is kept as sent, None when
+    absent). ``reset_at`` is when that window frees up (the body's
+    ``resetTime``). An hour or day window (``long_window``) is spent for
+    every caller with the same key until ``reset_at``, not for a minute.
+    """
 
     def __init__(
         self,
@@ -282,6 +336,7 @@ class RateLimited(TransientError):
         reset_at: datetime | None = None,
         limit_type: str | None = None,
         limit: int | None = None,
+        remaining: int | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(message, **fields)
@@ -289,6 +344,12 @@ class RateLimited(TransientError):
         self.reset_at = reset_at
         self.limit_type = limit_type
         self.limit = limit
+        self.remaining = remaining
+
+    @property
+    def long_window(self) -> bool:
+        """True for an hour or day window: wait until ``reset_at``, on every replica."""
+        return self.limit_type in _LONG_WINDOWS
 
 
 class ServerError(TransientError):
@@ -331,6 +392,27 @@ class EndpointNotFound(SystemicError):
     """A 404 the contract does not explain: the base URL or API path is wrong."""
 
 
+class QuotaExhausted(SystemicError):
+    """HTTP 402: the organisation's monthly quota is spent; no conversion call succeeds
+    until ``reset_at`` (when known) or until the plan changes. Status and usage calls
+    keep working [doc]. ``quota``/``used``/``reset_at`` come from the body when present
+    (its shape is [inferred]) and are None otherwise."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        quota: int | None = None,
+        used: int | None = None,
+        reset_at: datetime | None = None,
+        **fields: Any,
+    ) -> None:
+        super().__init__(message, **fields)
+        self.quota = quota
+        self.used = used
+        self.reset_at = reset_at
+
+
 class ConversionLost(DocuTrayError):
     """Status 404 (unknown conversion) or 403 (not ours): resubmit or dead-letter."""
 
@@ -338,20 +420,26 @@ class ConversionLost(DocuTrayError):
 # --------------------------------------------------------------------------- pure mapping
 
 
-def _scrub(value: Any, secrets: Sequence[str]) -> Any:
-    """Return ``value`` with secret-looking keys and any occurrence of ``secrets`` redacted."""
+def _scrub(value: Any, secrets: Sequence[str], _depth: int = 0) -> Any:
+    """Return ``value`` with secret-looking keys and any occurrence of ``secrets`` redacted.
+
+    Containers nested deeper than ``_MAX_BODY_DEPTH`` are replaced by a marker,
+    so a hostile body can neither exhaust the stack nor be kept whole.
+    """
     if isinstance(value, str):
         for secret in secrets:
             if secret:
                 value = value.replace(secret, _REDACTED)
         return value
+    if isinstance(value, Mapping | list) and _depth >= _MAX_BODY_DEPTH:
+        return "[TOO DEEP]"
     if isinstance(value, Mapping):
         return {
-            str(k): (_REDACTED if _SECRET_KEY_RE.search(str(k)) else _scrub(v, secrets))
+            str(k): (_REDACTED if _SECRET_KEY_RE.search(str(k)) else _scrub(v, secrets, _depth + 1))
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_scrub(v, secrets) for v in value]
+        return [_scrub(v, secrets, _depth + 1) for v in value]
     return value
 
 
@@ -361,7 +449,7 @@ def _parse_json_object(content: bytes) -> dict[str, Any] | None:
         return None
     try:
         parsed = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return parsed if isinstance(parsed, dict) else None
 
@@ -398,16 +486,41 @@ def parse_retry_after_header(value: str | None, *, now_s: float) -> float | None
 
 
 def parse_reset_time(value: Any) -> datetime | None:
-    """``resetTime`` as an aware datetime; values above 10^12 are milliseconds; <= 0 is unknown."""
+    """A ``resetTime``/``resetDate`` as an aware datetime, or None when absent or odd.
+
+    Numbers (or numeric strings) are Unix time: values above 10^12 are
+    milliseconds, the rest seconds, and <= 0 is unknown. Other strings are
+    read as ISO 8601 (``2026-05-01T00:00:00.000Z``, ``2026-05-01``); a time
+    without a zone is taken as UTC.
+    """
     number = _as_float(value)
-    if number is None or number <= 0:
+    if number is not None:
+        if number <= 0:
+            return None
+        if number > _RESET_TIME_MS_THRESHOLD:
+            number /= 1000.0
+        try:
+            return datetime.fromtimestamp(number, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if not isinstance(value, str) or not value.strip():
         return None
-    if number > _RESET_TIME_MS_THRESHOLD:
-        number /= 1000.0
+    text = value.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
     try:
-        return datetime.fromtimestamp(number, tz=UTC)
-    except (OverflowError, OSError, ValueError):
+        when = datetime.fromisoformat(text)
+    except ValueError:
         return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _as_count(value: Any) -> int | None:
+    """A non-negative whole number from a JSON value, else None."""
+    number = _as_float(value)
+    if number is None or number < 0 or number != int(number):
+        return None
+    return int(number)
 
 
 def parse_rate_limit(
@@ -425,13 +538,31 @@ def parse_rate_limit(
     reset_at = parse_reset_time(body.get("resetTime"))
     if reset_at is not None:
         waits.append(max(0.0, reset_at.timestamp() - now_s))
-    limit = _as_float(body.get("limit"))
     limit_type = body.get("limitType")
     return {
         "retry_after_s": max(waits) if waits else None,
         "reset_at": reset_at,
-        "limit_type": str(limit_type) if limit_type is not None else None,
-        "limit": int(limit) if limit is not None else None,
+        "limit_type": (
+            str(limit_type).strip().lower() or None
+            if isinstance(limit_type, str | int | float) and not isinstance(limit_type, bool)
+            else None
+        ),
+        "limit": _as_count(body.get("limit")),
+        "remaining": _as_count(body.get("remaining")),
+    }
+
+
+def parse_quota(body: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The 402 fields: ``quota``, ``used`` and ``resetDate`` when present and sensible.
+
+    The body's shape is [inferred] (the SDK's ``QuotaExceededInfo`` names these
+    three keys, ``resetDate`` as ISO 8601); anything missing or odd is None.
+    """
+    body = body or {}
+    return {
+        "quota": _as_count(body.get("quota")),
+        "used": _as_count(body.get("used")),
+        "reset_at": parse_reset_time(body.get("resetDate")),
     }
 
 
@@ -489,6 +620,8 @@ def error_from_response(
         return RequestRejected(text, reason=reason, errors=errors, **fields)
     if status_code == 401:
         return InvalidApiKey(text, **fields)
+    if status_code == 402:
+        return QuotaExhausted(text, **parse_quota(body), **fields)
     if status_code == 403:
         if endpoint == "status":
             return ConversionLost(text, **fields)
@@ -526,6 +659,22 @@ def error_from_transport(
     sent = not isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol)
     return ApiUnreachable(
         f"DocuTray {endpoint} unreachable ({name})", maybe_processed=sent, endpoint=endpoint
+    )
+
+
+def error_from_exception(exc: Exception, *, endpoint: Endpoint) -> UnexpectedResponse:
+    """Map any other failure of the HTTP stack (not a ``TransportError``) to a transient error.
+
+    Examples: ``httpx.DecodingError`` (a body whose Content-Encoding does not
+    decode), ``httpx.TooManyRedirects``, ``httpx.StreamError``, or an
+    exception a custom transport raises. The answer may have been produced, so
+    a submit that fails this way may have created a conversion (the
+    at-least-once window the design accepts). The message names only the
+    exception's type: its text may quote a URL or a header.
+    """
+    return UnexpectedResponse(
+        f"DocuTray {endpoint} failed in the HTTP client ({type(exc).__name__})",
+        endpoint=endpoint,
     )
 
 
@@ -880,6 +1029,25 @@ class DocuTrayClient:
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             raise self._unexpected(response, "document_types", exc) from None
 
+    async def get_usage(self, *, year: int | None = None, month: int | None = None) -> Usage:
+        """The organisation's successful conversions and pages in one month [doc].
+
+        Without arguments DocuTray answers for the current month. ``year`` and
+        ``month`` go together (both or neither). DocuTray never answers this
+        endpoint with 429 or 402 [doc], so it is safe to call while the quota
+        is spent; it does spend a call of whatever budget the plan counts it in
+        [unknown].
+        """
+        params: dict[str, str | int] | None = None
+        if (year is None) != (month is None):
+            raise ValueError("year and month go together: give both or neither")
+        if year is not None and month is not None:
+            if not 1 <= month <= 12:
+                raise ValueError(f"month must be 1..12, got {month}")
+            params = {"year": year, "month": month}
+        response = await self._send("usage", "GET", "/api/usage", params=params)
+        return self._parse(response, Usage, endpoint="usage")
+
     # ----------------------------------------------------------------- plumbing
 
     async def _send(
@@ -908,6 +1076,12 @@ class DocuTrayClient:
                 maybe_processed=error.maybe_processed,
             )
             raise error from exc
+        except UploadSizeMismatch:
+            raise  # the caller's bug, not an API failure
+        except Exception as exc:  # mapped once, here: never leaked raw
+            self._report(endpoint, None, started)
+            log.warning("docutray_client_error", endpoint=endpoint, error=type(exc).__name__)
+            raise error_from_exception(exc, endpoint=endpoint) from exc
         self._report(endpoint, response.status_code, started)
         if 200 <= response.status_code <= 299:
             return response
@@ -938,7 +1112,7 @@ class DocuTrayClient:
             raise self._unexpected(response, endpoint, "body is not a JSON object")
         try:
             return model.model_validate(body)
-        except ValidationError as exc:
+        except (ValidationError, ValueError, TypeError, RecursionError) as exc:
             raise self._unexpected(response, endpoint, exc) from None
 
     def _unexpected(

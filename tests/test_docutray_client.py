@@ -30,6 +30,7 @@ from service.docutray import (
     DocuTrayError,
     EndpointNotFound,
     InvalidApiKey,
+    QuotaExhausted,
     RateLimited,
     RequestRejected,
     ServerError,
@@ -38,7 +39,9 @@ from service.docutray import (
     TransientError,
     UnexpectedResponse,
     UploadSizeMismatch,
+    Usage,
     error_from_response,
+    parse_quota,
     parse_rate_limit,
     parse_reset_time,
     parse_retry_after_header,
@@ -998,3 +1001,280 @@ async def test_e2e_upload_memory_stays_at_a_few_chunks(emulator: Any, tmp_path: 
             tracemalloc.stop()
     assert submission.conversion_id
     assert peak - baseline < 4 * 1024 * 1024, f"peak grew by {(peak - baseline) / 2**20:.1f} MiB"
+
+
+# --------------------------------------------------------------------------- issue 14: the plan
+
+
+@pytest.mark.parametrize(
+    ("body", "quota", "used", "reset_at"),
+    [
+        (
+            {
+                "error": "Monthly quota exceeded",
+                "quota": 500,
+                "used": 500,
+                "resetDate": "2027-01-01",
+            },
+            500,
+            500,
+            datetime(2027, 1, 1, tzinfo=UTC),
+        ),
+        (
+            {"quota": 100.0, "used": "101", "resetDate": "2027-01-01T00:00:00.000Z"},
+            100,
+            101,
+            datetime(2027, 1, 1, tzinfo=UTC),
+        ),
+        ({"quota": 10, "resetDate": 1_798_761_600_000}, 10, None, datetime(2027, 1, 1, tzinfo=UTC)),
+        ({"quota": "lots", "used": -3, "resetDate": "next month"}, None, None, None),
+        ({"quota": 2.5, "used": True, "resetDate": {"y": 2027}}, None, None, None),
+        ({"error": {"code": "quota"}}, None, None, None),
+        ({}, None, None, None),
+    ],
+)
+def test_402_is_quota_exhausted_with_whatever_the_body_says(
+    body: dict[str, Any], quota: int | None, used: int | None, reset_at: datetime | None
+) -> None:
+    error = mapped(402, body, headers={"X-Request-ID": "req-402"})
+    assert type(error) is QuotaExhausted
+    assert isinstance(error, SystemicError)
+    assert not isinstance(error, TransientError)
+    assert (error.quota, error.used, error.reset_at) == (quota, used, reset_at)
+    assert error.status_code == 402
+    assert error.request_id == "req-402"
+
+
+@pytest.mark.parametrize("content", [b"", b"Payment Required", b"[402]", b"{broken"])
+def test_402_without_a_json_object_body_is_still_quota_exhausted(content: bytes) -> None:
+    error = mapped(402, content=content)
+    assert type(error) is QuotaExhausted
+    assert (error.quota, error.used, error.reset_at, error.body) == (None, None, None, None)
+
+
+@pytest.mark.parametrize("endpoint", ["submit", "status", "document_types", "usage"])
+def test_402_maps_the_same_on_every_endpoint(endpoint: Any) -> None:
+    error = mapped(402, {"error": "Quota exceeded", "quota": 1, "used": 1}, endpoint=endpoint)
+    assert type(error) is QuotaExhausted
+    assert error.endpoint == endpoint
+    assert error.api_message == "Quota exceeded"
+
+
+@pytest.mark.parametrize(
+    ("limit_type", "expected", "long_window"),
+    [
+        ("minute", "minute", False),
+        ("hour", "hour", True),
+        ("day", "day", True),
+        ("DAY ", "day", True),
+        ("month", "month", False),
+        (None, None, False),
+        ("", None, False),
+        (["hour"], None, False),
+    ],
+)
+def test_429_limit_type_is_normalised(
+    limit_type: Any, expected: str | None, long_window: bool
+) -> None:
+    body: dict[str, Any] = {"error": "Rate limit exceeded", "limit": 100, "remaining": 0}
+    if limit_type is not None:
+        body["limitType"] = limit_type
+    error = mapped(429, body, now_s=NOW)
+    assert isinstance(error, RateLimited)
+    assert error.limit_type == expected
+    assert error.long_window is long_window
+    assert (error.limit, error.remaining) == (100, 0)
+
+
+@pytest.mark.parametrize(
+    "reset_time",
+    [
+        int(NOW + 1800),
+        int(NOW + 1800) * 1000,
+        str(int(NOW + 1800)),
+        datetime.fromtimestamp(NOW + 1800, tz=UTC).isoformat(),
+        datetime.fromtimestamp(NOW + 1800, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+    ],
+)
+def test_an_hour_window_429_waits_until_its_reset_time(reset_time: Any) -> None:
+    body = {"error": "Rate limit exceeded", "limitType": "hour", "resetTime": reset_time}
+    error = mapped(429, body, headers={"Retry-After": "60"}, now_s=NOW)
+    assert isinstance(error, RateLimited)
+    assert error.long_window
+    assert error.reset_at == datetime.fromtimestamp(NOW + 1800, tz=UTC)
+    assert error.retry_after_s == pytest.approx(1800.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-05-01", datetime(2026, 5, 1, tzinfo=UTC)),
+        ("2026-05-01T00:00:00Z", datetime(2026, 5, 1, tzinfo=UTC)),
+        ("2026-05-01T02:00:00+02:00", datetime(2026, 5, 1, tzinfo=UTC)),
+        ("2026-05-01T00:00:00", datetime(2026, 5, 1, tzinfo=UTC)),
+        ("2026-13-01", None),
+        ("   ", None),
+        (-5, None),
+        (float("nan"), None),
+        (None, None),
+        ([1], None),
+    ],
+)
+def test_parse_reset_time_reads_iso_and_rejects_the_odd(value: Any, expected: Any) -> None:
+    assert parse_reset_time(value) == expected
+
+
+def test_parse_quota_is_pure_and_tolerant() -> None:
+    assert parse_quota(None) == {"quota": None, "used": None, "reset_at": None}
+    assert parse_quota({"quota": 3, "used": 0}) == {"quota": 3, "used": 0, "reset_at": None}
+
+
+def test_status_pages_are_read_when_present_and_never_fail_the_parse() -> None:
+    base = {"conversion_id": "c1", "status": "SUCCESS", "data": {}}
+    assert ConversionStatus.model_validate(base).pages is None
+    assert ConversionStatus.model_validate({**base, "pages": 3}).pages == 3
+    assert ConversionStatus.model_validate({**base, "page_count": "2"}).pages == 2
+    assert ConversionStatus.model_validate({**base, "pageCount": 4.0}).pages == 4
+    for odd in ("many", -1, 2.5, True, {"n": 1}, None):
+        assert ConversionStatus.model_validate({**base, "pages": odd}).pages is None
+
+
+USAGE = {"year": 2026, "month": 4, "successful_pages": 1234, "successful_conversions": 89}
+
+
+async def test_get_usage_for_the_current_month_and_a_given_one() -> None:
+    recorder = Recorder(status_code=200, json_body={**USAGE, "plan": "pro"})
+    async with make_client(recorder) as client:
+        usage = await client.get_usage()
+        assert usage == Usage(**USAGE)
+        assert recorder.last.method == "GET"
+        assert recorder.last.url.path == "/api/usage"
+        assert recorder.last.url.query == b""
+        assert_common_headers(recorder.last)
+        await client.get_usage(year=2025, month=12)
+        assert dict(recorder.last.url.params) == {"year": "2025", "month": "12"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"year": 2026}, "together"),
+        ({"month": 4}, "together"),
+        ({"year": 2026, "month": 13}, "1..12"),
+        ({"year": 2026, "month": 0}, "1..12"),
+    ],
+)
+async def test_get_usage_refuses_half_a_month(kwargs: dict[str, int], message: str) -> None:
+    recorder = Recorder(status_code=200, json_body=USAGE)
+    async with make_client(recorder) as client:
+        with pytest.raises(ValueError, match=message):
+            await client.get_usage(**kwargs)
+    assert recorder.requests == []
+
+
+@pytest.mark.parametrize(
+    ("status_code", "body", "cls"),
+    [
+        (200, {"year": 2026, "month": 4}, UnexpectedResponse),
+        (200, {**USAGE, "successful_pages": -1}, UnexpectedResponse),
+        (200, {**USAGE, "month": 13}, UnexpectedResponse),
+        (200, [USAGE], UnexpectedResponse),
+        (401, {"error": "Invalid API key"}, InvalidApiKey),
+        (404, {"error": "Not found"}, EndpointNotFound),
+        (429, {"error": "Rate limit exceeded", "limitType": "day"}, RateLimited),
+        (500, {"message": "Internal server error"}, ServerError),
+    ],
+)
+async def test_get_usage_errors_map_like_the_catalogue(
+    status_code: int, body: Any, cls: type[DocuTrayError]
+) -> None:
+    seen: list[tuple[str, int | None]] = []
+    recorder = Recorder(status_code=status_code, json_body=body)
+    async with make_client(recorder, on_response=lambda e, s, d: seen.append((e, s))) as client:
+        with pytest.raises(cls) as caught:
+            await client.get_usage()
+    assert caught.value.endpoint == "usage"
+    assert seen == [("usage", status_code)]
+
+
+class _Boom(Exception):
+    pass
+
+
+async def _call(client: DocuTrayClient, call: str) -> object:
+    if call == "submit":
+        return await client.submit_url(url="https://x.example/a.pdf", document_type_code="invoice")
+    if call == "status":
+        return await client.get_status("c1")
+    if call == "usage":
+        return await client.get_usage()
+    return await client.list_document_types()
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.DecodingError("bad gzip"),
+        httpx.TooManyRedirects("loop"),
+        httpx.StreamConsumed(),
+        httpx.InvalidURL("bad"),
+        RuntimeError("a custom transport broke"),
+        _Boom("anything at all"),
+    ],
+)
+@pytest.mark.parametrize("call", ["submit", "status", "usage", "document_types"])
+async def test_no_http_stack_exception_escapes_raw(exc: Exception, call: str) -> None:
+    """Issue 11 item 7: the engine catches DocuTrayError, so nothing else may leave the client."""
+
+    def raiser(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    seen: list[tuple[str, int | None]] = []
+    async with make_client(raiser, on_response=lambda e, s, d: seen.append((e, s))) as client:
+        with pytest.raises(DocuTrayError) as caught:
+            await _call(client, call)
+    assert type(caught.value) is UnexpectedResponse
+    assert isinstance(caught.value, TransientError)
+    assert caught.value.__cause__ is exc
+    assert type(exc).__name__ in str(caught.value)
+    assert caught.value.endpoint == call
+    assert seen == [(call, None)]
+
+
+async def test_a_body_that_does_not_decode_is_unexpected_not_a_raw_decoding_error() -> None:
+    def garbled(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200,
+            content=b"this is not gzip at all",
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+
+    async with make_client(garbled) as client:
+        with pytest.raises(UnexpectedResponse) as caught:
+            await client.get_status("c1")
+    assert isinstance(caught.value.__cause__, httpx.DecodingError)
+
+
+@pytest.mark.parametrize("depth", [50, 600, 100_000])
+async def test_deeply_nested_bodies_never_raise_recursion_errors(depth: int) -> None:
+    nested = b'{"a":' * depth + b"1" + b"}" * depth
+    async with make_client(lambda r: httpx.Response(200, content=nested)) as client:
+        with pytest.raises(UnexpectedResponse):
+            await client.get_status("c1")
+    async with make_client(lambda r: httpx.Response(429, content=nested)) as client:
+        with pytest.raises(RateLimited) as limited:
+            await client.get_status("c1")
+    body = limited.value.body
+    if body is not None:  # kept, but cut at a bounded depth
+        assert len(json.dumps(body)) < 1000
+
+
+async def test_an_upload_size_mismatch_is_still_the_callers_error() -> None:
+    async with make_client(Recorder()) as client:
+        with pytest.raises(UploadSizeMismatch):
+            await client.submit_upload(
+                file=_chunks(PDF, 100),
+                filename="a.pdf",
+                document_type_code="invoice",
+                size_bytes=len(PDF) + 1,
+            )
