@@ -38,11 +38,12 @@ from service.config import (
 )
 from service.docutray import DocuTrayClient
 from service.health import Probe, create_ops_app, liveness, readiness
-from service.kafkaio import KafkaIO, KafkaSettings, ensure_topics
+from service.kafkaio import KafkaErrorLog, KafkaIO, KafkaSettings
 from service.logging import register_secrets
 from service.pipeline import Engine
 from service.ratelimit import build_limiter
 from service.scheduler import DurationModel, PollPolicy
+from service.topics import ensure_topics
 
 log = structlog.get_logger(__name__)
 
@@ -152,8 +153,10 @@ async def run_bridge(settings: Settings) -> int:
         docutray_base_url=settings.docutray_base_url,
         limiter="redis" if redis_url else "in-process",
     )
-    partitions = await asyncio.to_thread(ensure_topics, ks)
-    log.info("topics_ready", input_partitions=partitions, changelog=ks.changelog_topic)
+    layout = await asyncio.to_thread(
+        ensure_topics, settings, common=ks.common, errors=KafkaErrorLog("admin")
+    )
+    log.info("topics_ready", input_partitions=layout.partitions, changelog=ks.changelog_topic)
 
     client = DocuTrayClient(
         base_url=settings.docutray_base_url,

@@ -45,7 +45,6 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from service import metrics
 from service.errors import BridgeError
@@ -175,125 +174,6 @@ class KafkaErrorLog:
                 error=err.str(),
                 action="librdkafka retries by itself; check the brokers if it persists",
             )
-
-
-def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> int:
-    """Create missing topics (if allowed) and return the input topic's partition count.
-
-    The changelog is created compacted, with as many partitions as the input
-    (co-partitioning), and big enough records for the largest request.
-    """
-    errors = KafkaErrorLog("admin")
-    conf: dict[str, Any] = {**settings.common, "error_cb": errors}
-    admin = AdminClient(conf)
-    where = settings.common.get("bootstrap.servers")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            admin.list_topics(timeout=min(5.0, max(0.5, deadline - time.monotonic())))
-            break
-        except KafkaException as exc:
-            admin.poll(0)  # serves the error callback: it knows why
-            if errors.auth_failed:
-                raise BridgeError(
-                    f"Kafka at {where} refused the credentials (SASL authentication failed: "
-                    f"{errors.last}); check KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and "
-                    "KAFKA_SASL_MECHANISM"
-                ) from None
-            if time.monotonic() > deadline:
-                cause = f"; last broker error: {errors.last}" if errors.last else ""
-                raise BridgeError(
-                    f"cannot reach Kafka at {where}: {exc.args[0].str()}{cause}; "
-                    "check KAFKA_BOOTSTRAP_SERVERS and the network"
-                ) from None
-    try:
-        return _ensure_topics(admin, settings, timeout_s=timeout_s)
-    except KafkaException as exc:
-        raise BridgeError(f"Kafka at {where}: {exc.args[0].str()}") from None
-
-
-def _ensure_topics(admin: AdminClient, settings: KafkaSettings, *, timeout_s: float) -> int:
-    md = admin.list_topics(timeout=timeout_s)
-    input_md = md.topics.get(settings.input_topic)
-    partitions = (
-        len(input_md.partitions)
-        if input_md is not None and input_md.error is None
-        else settings.topic_partitions
-    )
-    max_bytes = str(settings.max_request_bytes * 2 + 1024 * 1024)
-    wanted = {
-        settings.input_topic: NewTopic(
-            settings.input_topic,
-            num_partitions=partitions,
-            replication_factor=settings.replication_factor,
-            config={"max.message.bytes": max_bytes},
-        ),
-        settings.result_topic: NewTopic(
-            settings.result_topic,
-            num_partitions=partitions,
-            replication_factor=settings.replication_factor,
-        ),
-        settings.dead_letter_topic: NewTopic(
-            settings.dead_letter_topic,
-            num_partitions=partitions,
-            replication_factor=settings.replication_factor,
-            config={"max.message.bytes": max_bytes},
-        ),
-        settings.changelog_topic: NewTopic(
-            settings.changelog_topic,
-            num_partitions=partitions,
-            replication_factor=settings.replication_factor,
-            config={
-                "cleanup.policy": "compact",
-                "max.message.bytes": max_bytes,
-                "min.compaction.lag.ms": "0",
-                "segment.ms": "600000",
-                # Compact eagerly and drop tombstones after an hour: a restore reads the whole
-                # uncompacted tail, so a short one keeps restores fast and small.
-                "min.cleanable.dirty.ratio": "0.1",
-                "delete.retention.ms": "3600000",
-            },
-        ),
-    }
-    missing = [t for name, t in wanted.items() if name not in md.topics]
-    if missing and not settings.create_topics:
-        names = ", ".join(t.topic for t in missing)
-        raise BridgeError(f"topics missing and BRIDGE_CREATE_TOPICS=false: {names}")
-    if missing:
-        for name, fut in admin.create_topics(missing, request_timeout=timeout_s).items():
-            try:
-                fut.result()
-                log.info("topic_created", topic=name)
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise BridgeError(f"cannot create topic {name}: {exc.args[0].str()}") from None
-    # Creation is acknowledged before every broker's metadata shows the topics: wait for them.
-    deadline = time.monotonic() + timeout_s
-    while True:
-        md = admin.list_topics(timeout=timeout_s)
-        changelog_md = md.topics.get(settings.changelog_topic)
-        input_md = md.topics.get(settings.input_topic)
-        if (
-            changelog_md is not None
-            and input_md is not None
-            and changelog_md.error is None
-            and input_md.error is None
-            and changelog_md.partitions
-        ):
-            break
-        if time.monotonic() > deadline:
-            raise BridgeError(
-                f"topics {settings.input_topic} / {settings.changelog_topic} not visible "
-                f"{timeout_s:.0f} s after creation; check the brokers"
-            )
-        time.sleep(0.1)
-    if len(changelog_md.partitions) != len(input_md.partitions):
-        raise BridgeError(
-            f"changelog {settings.changelog_topic} has {len(changelog_md.partitions)} partitions "
-            f"but input {settings.input_topic} has {len(input_md.partitions)}: they must match "
-            "(co-partitioning); recreate the changelog with the same count"
-        )
-    return len(input_md.partitions)
 
 
 class KafkaIO:
