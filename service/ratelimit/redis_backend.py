@@ -12,10 +12,19 @@ The scripts mirror :func:`~service.ratelimit.policy.acquire_step` and
 Keys (all under the one ``key_prefix`` the caller gives, see :func:`lane_key`):
 
 ``<prefix>ratelimit:<lane>``
-    hash ``tat``, ``eff``, ``ceiling``, ``changed``, ``gate``, ``blocked``
-    (times are Redis-clock seconds, rates per minute); expires
+    hash ``tat``, ``eff``, ``ceiling``, ``changed``, ``gate``, ``blocked``,
+    ``seen`` (times are Redis-clock seconds, rates per minute); expires
     ``state_ttl_s`` after its last write, after which the lane starts afresh
     at its configured rate.
+``<prefix>ratelimit:submit-gate``
+    hash ``hour_tat``, ``day_tat``, ``blocked``, ``blocked_reason``, ``paused``,
+    ``pause_reason``, ``seen``: what holds submissions back on every replica
+    (:class:`~service.ratelimit.policy.GateState`); expires ``state_ttl_s``
+    after the last of its times has passed (never while a pause is open-ended).
+
+``seen`` is the latest Redis ``TIME`` a script ran at: when ``TIME`` steps
+back (the Redis host's clock was corrected), the scripts shift every stored
+time by the step, so a block or a reservation keeps its length.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from service.ratelimit.policy import AimdParams, Answer, Feedback
+from service.ratelimit.policy import AimdParams, Answer, Feedback, GateOp
 
 _PRELUDE: Final = """
 local key = KEYS[1]
@@ -48,30 +57,97 @@ local p_margin = tonumber(ARGV[8])
 local p_gap = tonumber(ARGV[9])
 local ttl_ms = tonumber(ARGV[10])
 local NEVER = -1e18
-local f = redis.call('HMGET', key, 'tat', 'eff', 'ceiling', 'changed', 'gate', 'blocked')
+local FAR = 1e17
+local function fmt(x) return string.format('%.17g', x) end
+local function shift(t, step)
+  if t > -FAR and t < FAR then return t + step end
+  return t
+end
+local f = redis.call('HMGET', key, 'tat', 'eff', 'ceiling', 'changed', 'gate', 'blocked', 'seen')
 local tat = tonumber(f[1]) or NEVER
 local eff = tonumber(f[2]) or configured
 local ceiling = tonumber(f[3]) or configured
 local changed = tonumber(f[4]) or NEVER
 local gate = tonumber(f[5]) or NEVER
 local blocked = tonumber(f[6]) or NEVER
+local seen = tonumber(f[7]) or NEVER
+-- rebase: the clock stepped back, move every stored time with it
+if now < seen then
+  local step = now - seen
+  tat = shift(tat, step)
+  changed = shift(changed, step)
+  gate = shift(gate, step)
+  blocked = shift(blocked, step)
+end
+seen = now
 -- aimd_clamp
 if eff > configured then eff = configured end
 if ceiling > configured then ceiling = configured end
-local function fmt(x) return string.format('%.17g', x) end
 local function save()
   redis.call('HSET', key, 'tat', fmt(tat), 'eff', fmt(eff), 'ceiling', fmt(ceiling),
-    'changed', fmt(changed), 'gate', fmt(gate), 'blocked', fmt(blocked))
+    'changed', fmt(changed), 'gate', fmt(gate), 'blocked', fmt(blocked), 'seen', fmt(seen))
   redis.call('PEXPIRE', key, ttl_ms)
+end
+-- gcra_shape and gcra
+local function shape(rate, burst, window)
+  local b = math.max(1, math.min(burst, math.floor(rate / 20)))
+  return window / math.max(rate - b, rate / 2), b
+end
+local function gcra_at(start, t, interval, b)
+  local base = math.max(t, start)
+  return math.max(start, base - (b - 1) * interval), base + interval
+end
+"""
+
+_GATE: Final = """
+local gkey = KEYS[2]
+local g = redis.call('HMGET', gkey, 'hour_tat', 'day_tat', 'blocked', 'blocked_reason',
+  'paused', 'pause_reason', 'seen')
+local hour_tat = tonumber(g[1]) or NEVER
+local day_tat = tonumber(g[2]) or NEVER
+local gblocked = tonumber(g[3]) or NEVER
+local gblocked_reason = g[4] or ''
+local paused = tonumber(g[5]) or NEVER
+local pause_reason = g[6] or ''
+local gseen = tonumber(g[7]) or NEVER
+if now < gseen then
+  local step = now - gseen
+  hour_tat = shift(hour_tat, step)
+  day_tat = shift(day_tat, step)
+  gblocked = shift(gblocked, step)
+  paused = shift(paused, step)
+end
+gseen = now
+local function gate_hold()
+  if paused > now and paused >= gblocked then return paused, pause_reason end
+  if gblocked > now then return gblocked, gblocked_reason end
+  return now, ''
+end
+local function gate_save()
+  redis.call('HSET', gkey, 'hour_tat', fmt(hour_tat), 'day_tat', fmt(day_tat),
+    'blocked', fmt(gblocked), 'blocked_reason', gblocked_reason, 'paused', fmt(paused),
+    'pause_reason', pause_reason, 'seen', fmt(gseen))
+  if paused >= FAR then
+    redis.call('PERSIST', gkey)
+  else
+    local last = math.max(hour_tat, day_tat, gblocked, paused, now)
+    redis.call('PEXPIRE', gkey, math.ceil((last - now) * 1000) + ttl_ms)
+  end
 end
 """
 
 ACQUIRE_LUA: Final = (
     _PRELUDE
+    + _GATE
     + """
 local burst = tonumber(ARGV[11])
 local want_slot = ARGV[12] == '1'
 local want_increase = ARGV[13] == '1'
+local holding = ARGV[14] == '1'
+local plan = ARGV[15]
+local per_hour = tonumber(ARGV[16])
+local per_day = tonumber(ARGV[17])
+local max_ahead = tonumber(ARGV[18])
 -- aimd_increase
 if want_increase and now - changed >= p_interval and eff < configured then
   local knee = ceiling * p_margin
@@ -88,17 +164,62 @@ if want_increase and now - changed >= p_interval and eff < configured then
 end
 local reserved_in = -1
 if want_slot then
-  -- gcra_shape(eff, burst), then gcra(start, ...) from the block's end at the earliest
-  local b = math.max(1, math.min(burst, math.floor(eff / 20)))
-  local interval = 60 / math.max(eff - b, eff / 2)
+  -- gcra from the block's end at the earliest, after clamp_tat
+  local interval, b = shape(eff, burst, 60)
   local start = math.max(now, blocked)
-  local base = math.max(tat, start)
-  local allowed_at = math.max(start, base - (b - 1) * interval)
-  tat = base + interval
+  if tat > start + (b + max_ahead) * interval then tat = start end
+  local allowed_at
+  allowed_at, tat = gcra_at(start, tat, interval, b)
   reserved_in = allowed_at - now
 end
 save()
-return {fmt(reserved_in), fmt(math.max(0, blocked - now)), fmt(eff)}
+local blocked_for = math.max(0, blocked - now)
+if plan == '-' then
+  return {fmt(reserved_in), fmt(blocked_for), fmt(eff), 0, fmt(0), ''}
+end
+-- usable_permits, then gate_step
+local usable = 0
+if holding and blocked_for <= 0 then usable = usable + 1 end
+if want_slot and reserved_in <= 0 then usable = usable + 1 end
+local wanted = 0
+for i = 1, math.min(usable, string.len(plan)) do
+  if string.sub(plan, i, i) == 's' then wanted = wanted + 1 end
+end
+local ih, bh, iday, bday = 0, 1, 0, 1
+if per_hour > 0 then
+  ih, bh = shape(per_hour, burst, 3600)
+  hour_tat = math.min(hour_tat, now + bh * ih)
+end
+if per_day > 0 then
+  iday, bday = shape(per_day, burst, 86400)
+  day_tat = math.min(day_tat, now + bday * iday)
+end
+local held_until, reason = gate_hold()
+local granted = 0
+while granted < wanted and held_until <= now do
+  if per_hour > 0 and gcra_at(now, hour_tat, ih, bh) > now then break end
+  if per_day > 0 and gcra_at(now, day_tat, iday, bday) > now then break end
+  if per_hour > 0 then
+    local _, t = gcra_at(now, hour_tat, ih, bh)
+    hour_tat = t
+  end
+  if per_day > 0 then
+    local _, t = gcra_at(now, day_tat, iday, bday)
+    day_tat = t
+  end
+  granted = granted + 1
+end
+local ready = held_until
+if per_hour > 0 then
+  local at = gcra_at(ready, hour_tat, ih, bh)
+  if at > ready then ready = at; reason = 'budget_hour' end
+end
+if per_day > 0 then
+  local at = gcra_at(ready, day_tat, iday, bday)
+  if at > ready then ready = at; reason = 'budget_day' end
+end
+gate_save()
+return {fmt(reserved_in), fmt(blocked_for), fmt(eff), granted, fmt(ready - now), reason}
 """
 )
 
@@ -121,6 +242,36 @@ save()
 return {fmt(eff), decreased, fmt(blocked - now)}
 """
 )
+
+GATE_LUA: Final = (
+    _PRELUDE
+    + _GATE
+    + """
+local op = ARGV[11]
+local hold = tonumber(ARGV[12])
+local why = ARGV[13]
+if op == 'block' then
+  if now + hold > gblocked then
+    gblocked = now + hold
+    gblocked_reason = why
+  end
+elseif op == 'pause' then
+  if hold < 0 then paused = 1e18 else paused = now + hold end
+  pause_reason = why
+elseif op == 'resume' then
+  if why == '' or why == pause_reason then
+    paused = NEVER
+    pause_reason = ''
+  end
+end
+gate_save()
+local held_until, reason = gate_hold()
+return {fmt(held_until - now), reason}
+"""
+)
+
+GATE_KEY: Final = "submit-gate"
+"""The lane name of the submit gate's key (see :func:`lane_key`)."""
 
 
 def lane_key(key_prefix: str, lane: str) -> str:
@@ -147,7 +298,7 @@ def connect(
 
 
 class RedisBackend:
-    """Runs the two scripts (EVALSHA, reloaded on NOSCRIPT by redis-py) for the dispatcher.
+    """Runs the three scripts (EVALSHA, reloaded on NOSCRIPT by redis-py) for the dispatcher.
 
     Raises whatever redis-py raises (``ConnectionError``, ``TimeoutError``,
     ``ResponseError``); the limiter catches those and falls back.
@@ -167,6 +318,7 @@ class RedisBackend:
         self._ttl_ms = math.ceil(state_ttl_s * 1000)
         self._acquire = client.register_script(ACQUIRE_LUA)
         self._rate_limited = client.register_script(RATE_LIMITED_LUA)
+        self._gate = client.register_script(GATE_LUA)
 
     def _common(self, *, configured_per_minute: float, now: float | None) -> list[Any]:
         head: list[Any] = ["" if now is None else repr(now), repr(configured_per_minute)]
@@ -180,14 +332,33 @@ class RedisBackend:
         burst: int,
         want_slot: bool,
         want_increase: bool,
+        holding: bool = False,
+        plan: str | None = None,
+        per_hour: float = 0.0,
+        per_day: float = 0.0,
+        max_ahead_slots: int = 64,
         now: float | None = None,
     ) -> Answer:
-        """Run the acquire script; ``now`` overrides Redis TIME (tests only)."""
+        """Run the acquire script (:func:`~service.ratelimit.policy.reserve_step`).
+
+        ``plan`` None leaves the submit gate alone (a lane without
+        submissions); ``now`` overrides Redis TIME (tests only).
+        """
         args = self._common(configured_per_minute=configured_per_minute, now=now)
-        args += [burst, int(want_slot), int(want_increase)]
-        reply = await self._acquire(keys=[lane_key(self._prefix, lane)], args=args)
+        args += [burst, int(want_slot), int(want_increase), int(holding)]
+        args += ["-" if plan is None else plan, repr(per_hour), repr(per_day)]
+        args += [max_ahead_slots]
+        keys = [lane_key(self._prefix, lane), lane_key(self._prefix, GATE_KEY)]
+        reply = await self._acquire(keys=keys, args=args)
         reserved = float(reply[0])
-        return Answer(reserved if want_slot else None, float(reply[1]), float(reply[2]))
+        return Answer(
+            reserved if want_slot else None,
+            float(reply[1]),
+            float(reply[2]),
+            submits_granted=int(reply[3]),
+            submit_wait_s=float(reply[4]),
+            submit_reason=_text(reply[5]),
+        )
 
     async def rate_limited(
         self,
@@ -203,6 +374,21 @@ class RedisBackend:
         reply = await self._rate_limited(keys=[lane_key(self._prefix, lane)], args=args)
         return Feedback(float(reply[0]), int(reply[1]) == 1, float(reply[2]))
 
+    async def gate(
+        self, op: GateOp, *, hold_s: float = 0.0, reason: str = "", now: float | None = None
+    ) -> tuple[float, str]:
+        """Run the gate script (:func:`~service.ratelimit.policy.gate_op`): ``(held_for_s,
+        reason)`` of the block or pause after ``op``; ``now`` overrides Redis TIME (tests only)."""
+        args = self._common(configured_per_minute=1.0, now=now)
+        args += [op, repr(hold_s), reason]
+        key = lane_key(self._prefix, GATE_KEY)
+        reply = await self._gate(keys=[key, key], args=args)
+        return float(reply[0]), _text(reply[1])
+
     async def close(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
