@@ -34,7 +34,7 @@ compressed batch, which makes the uncompressed limits here conservative.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -101,6 +101,8 @@ class Need:
     at_least: bool = False
     #: Why the value is needed, appended to the error (e.g. which setting it follows).
     why: str = ""
+    #: The other way out, given the value found (an integer): e.g. which setting to lower.
+    instead: Callable[[int], str | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                     at_least=True,
                     why=f"BRIDGE_MAX_REQUEST_BYTES={max_request} plus "
                     f"{RECORD_MARGIN_BYTES} for key and headers",
+                    instead=lambda found: _lower_to(
+                        "BRIDGE_MAX_REQUEST_BYTES", found - RECORD_MARGIN_BYTES, minimum=1024
+                    ),
                 ),
             ),
         ),
@@ -229,6 +234,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                     str(requests),
                     at_least=True,
                     why=f"twice BRIDGE_MAX_REQUEST_BYTES={max_request} plus 1 MiB",
+                    instead=lambda found: _lower_to(
+                        "BRIDGE_MAX_REQUEST_BYTES", (found - 1024 * 1024) // 2, minimum=1024
+                    ),
                 ),
             ),
         ),
@@ -252,6 +260,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                     str(window_ms),
                     at_least=True,
                     why=f"BRIDGE_DEDUPE_WINDOW_S={settings.dedupe_window_s:g}",
+                    instead=lambda found: _lower_to(
+                        "BRIDGE_DEDUPE_WINDOW_S", found // 1000, minimum=1
+                    ),
                 ),
             ),
         ),
@@ -490,11 +501,18 @@ def _unmet(spec: TopicSpec, need: Need, found: str | None) -> str | None:
         return None
     why = f" ({need.why})" if need.why else ""
     value = f"[{need.value}]" if "," in need.value else need.value
+    other = None
+    if need.instead is not None and found is not None and found.lstrip("-").isdigit():
+        other = need.instead(int(found))
     return (
         f"{spec.label} {spec.name} has {need.setting}={found}; it needs {wanted}{why}; fix it "
         f"with kafka-configs --alter --entity-type topics --entity-name {spec.name} "
-        f"--add-config {need.setting}={value}"
+        f"--add-config {need.setting}={value}" + (f", {other}" if other else "")
     )
+
+
+def _lower_to(setting: str, most: int, *, minimum: int) -> str | None:
+    return f"or lower {setting} to {most} at most" if most >= minimum else None
 
 
 def _policies(value: str) -> frozenset[str]:

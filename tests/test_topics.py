@@ -118,6 +118,12 @@ def test_unmet_needs_name_topic_setting_value_and_the_value_needed() -> None:
         "(BRIDGE_DEDUPE_WINDOW_S=1); fix it with kafka-configs --alter --entity-type topics "
         "--entity-name g.dedupe --add-config retention.ms=1000"
     )
+    window = Need(
+        "retention.ms", "7200000", at_least=True, instead=lambda found: f"or use {found // 1000}"
+    )
+    line = _unmet(spec, window, "3600000")
+    assert line is not None
+    assert line.endswith("--add-config retention.ms=7200000, or use 3600")
 
 
 def test_record_limits_take_the_smaller_of_topic_and_producer_less_framing() -> None:
@@ -324,7 +330,8 @@ def test_input_with_a_too_small_max_message_bytes_is_refused(
         f"input {settings.input_topic} has max.message.bytes={KAFKA_DEFAULT_MAX_MESSAGE_BYTES}; "
         f"it needs at least {needed} (BRIDGE_MAX_REQUEST_BYTES=16777216 plus 65536 for key and "
         f"headers); fix it with kafka-configs --alter --entity-type topics --entity-name "
-        f"{settings.input_topic} --add-config max.message.bytes={needed}"
+        f"{settings.input_topic} --add-config max.message.bytes={needed}, "
+        f"or lower BRIDGE_MAX_REQUEST_BYTES to {KAFKA_DEFAULT_MAX_MESSAGE_BYTES - 65536} at most"
     )
 
 
@@ -336,7 +343,8 @@ def test_short_dedupe_retention_is_refused(
     with pytest.raises(
         TopicError,
         match=r"^dedupe topic .* has retention\.ms=3600000; it needs "
-        r"at least 7200000 \(BRIDGE_DEDUPE_WINDOW_S=7200\)",
+        r"at least 7200000 \(BRIDGE_DEDUPE_WINDOW_S=7200\); .*"
+        r", or lower BRIDGE_DEDUPE_WINDOW_S to 3600 at most$",
     ):
         ensure(settings)
 
