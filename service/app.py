@@ -43,7 +43,7 @@ from service.logging import register_secrets
 from service.pipeline import Engine
 from service.ratelimit import build_limiter
 from service.scheduler import DurationModel, PollPolicy
-from service.topics import ensure_topics
+from service.topics import dedupe_topic, ensure_topics
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +65,13 @@ def kafka_settings(settings: Settings) -> KafkaSettings:
         result_topic=settings.result_topic,
         dead_letter_topic=settings.dead_letter_topic,
         changelog_topic=settings.changelog,
+        dedupe_topic=dedupe_topic(settings),
+        dedupe_window_s=settings.dedupe_window_s,
+        restore_timeout_s=settings.restore_timeout_s,
+        revoke_grace_s=min(15.0, settings.shutdown_grace_s),
+        # Only an id that outlives the process (BRIDGE_INSTANCE_ID: the StatefulSet's pod name)
+        # makes static membership pay; host name + pid would only delay every handover.
+        static_membership=bool(os.environ.get("BRIDGE_INSTANCE_ID")),
         commit_interval_s=settings.commit_interval_ms / 1000,
         max_pending=settings.max_pending,
         max_request_bytes=settings.max_request_bytes,
@@ -215,7 +222,9 @@ async def run_bridge(settings: Settings) -> int:
         probe = readiness(
             joined=kafka.joined.is_set(),
             stopping=stopping.is_set(),
-            paused=engine.paused_reasons | ({"kafka_stalled"} if stalled else set()),
+            paused=engine.paused_reasons
+            | ({"kafka_stalled"} if stalled else set())
+            | ({"restoring"} if kafka.restoring else set()),
             failure=str(failure) if failure else None,
             extra={
                 "assigned_partitions": sorted(kafka.assigned),

@@ -250,13 +250,21 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", validation_alias=AliasChoices("BRIDGE_LOG_LEVEL")
     )
+    restore_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        validation_alias=AliasChoices("BRIDGE_RESTORE_TIMEOUT_S"),
+        description="After this long waiting for an open transaction, a restore is reported stuck "
+        "(it keeps waiting: reading past it would publish second outcomes).",
+    )
     heartbeat_timeout_s: float = Field(
         default=90.0, gt=0, validation_alias=AliasChoices("BRIDGE_HEARTBEAT_TIMEOUT_S")
     )
     instance_id: str = Field(
         default="",
         validation_alias=AliasChoices("BRIDGE_INSTANCE_ID", "HOSTNAME"),
-        description="Replica name for logs and the transactional id; default: the host name.",
+        description="Stable replica identity: group.instance.id and the transactional id; "
+        "default: host name + pid.",
     )
 
     @field_validator("log_format", "log_level", mode="before")

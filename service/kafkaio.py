@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -47,11 +48,21 @@ from confluent_kafka import (
 )
 
 from service import metrics
+from service.dedupe import (
+    REPLAY_HEADER,
+    DedupeWindow,
+    Outcome,
+    content_hash,
+    dedupe_value,
+    judge_resend,
+    parse_dedupe_value,
+)
 from service.errors import BridgeError
 from service.intake import Accepted, original_record, parse_record
-from service.messages import utcnow
+from service.messages import DeadLetterReason, DocumentRequest, OriginalRecord, utcnow
 from service.outcomes import build_dead_letter
-from service.pending import Entry, Limits, Unreadable, new_entry, restore_partitions
+from service.pending import Entry, Limits, Unreadable, entries_from_values, new_entry
+from service.restore import StateReader
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +116,8 @@ class KafkaSettings:
     result_topic: str
     dead_letter_topic: str
     changelog_topic: str
+    dedupe_topic: str
+    dedupe_window_s: float
     commit_interval_s: float
     max_pending: int
     max_request_bytes: int
@@ -113,8 +126,22 @@ class KafkaSettings:
     topic_partitions: int
     replication_factor: int
     restore_timeout_s: float = 120.0
+    transaction_timeout_ms: int = 60_000
+    #: How long a revoke waits for submits in flight on the revoked partitions.
+    revoke_grace_s: float = 15.0
+    #: Join with group.instance.id = instance_id (only when that id is stable across restarts).
+    static_membership: bool = False
     extra_consumer: dict[str, Any] = field(default_factory=dict)
     extra_producer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Restoring:
+    """A partition waiting to be restored: the state topics' ends it must read up to."""
+
+    ends: dict[str, int]
+    since: float
+    reported: float = 0.0
 
 
 class EngineHooks:
@@ -136,6 +163,10 @@ class EngineHooks:
     def drop(self, partition: int) -> None:
         """Forget everything of a partition (revoked, lost, or being reset)."""
         raise NotImplementedError
+
+    def quiesce(self, partitions: list[int], done: threading.Event) -> None:
+        """Start no new submit on `partitions`; set `done` once none is in flight there."""
+        done.set()
 
     def fatal(self, exc: BaseException) -> None:
         """The Kafka thread stopped on an unrecoverable error."""
@@ -192,7 +223,15 @@ class KafkaIO:
         self._offsets_dirty = False
         self._last_commit = time.monotonic()
         self._epochs: dict[int, int] = {}
-        self._pending_ids: dict[int, set[str]] = {}
+        #: Per partition: pending request id -> content hash (duplicates and id conflicts).
+        self._pending: dict[int, dict[str, str]] = {}
+        #: Per partition: request ids that finished within the dedupe window.
+        self._windows: dict[int, DedupeWindow] = {}
+        #: Partitions waiting for their state topics to be stable, then restored (see restore.py).
+        self._restoring: dict[int, _Restoring] = {}
+        self._reader: StateReader | None = None
+        self._lso_checked = 0.0
+        self._windows_expired = time.monotonic()
         self._base_offsets: dict[int, int] = {}
         self._pause_reasons: set[str] = set()
         self._paused_parts: set[int] = set()
@@ -234,7 +273,12 @@ class KafkaIO:
 
     def pending_count(self) -> int:
         """Pending requests across assigned partitions (as the Kafka thread knows them)."""
-        return sum(len(ids) for ids in list(self._pending_ids.values()))
+        return sum(len(ids) for ids in list(self._pending.values()))
+
+    @property
+    def restoring(self) -> frozenset[int]:
+        """Assigned partitions whose state is not restored yet (not ready meanwhile)."""
+        return frozenset(self._restoring)
 
     # ---- the thread ----
 
@@ -268,17 +312,25 @@ class KafkaIO:
                 "transactional.id": f"{s.group_id}-{s.instance_id}",
                 "linger.ms": 5,
                 "message.max.bytes": s.max_request_bytes * 2 + 1024 * 1024,
-                "transaction.timeout.ms": 60_000,
+                "transaction.timeout.ms": s.transaction_timeout_ms,
                 "compression.type": "lz4",
                 "error_cb": KafkaErrorLog("producer"),
                 **s.extra_producer,
             }
         )
-        self._producer.init_transactions(30)
+        # Same transactional id as this replica's previous life: init_transactions fences that
+        # producer and aborts its open transaction at once, so the restore below need not
+        # wait for the transaction timeout (a new name would leave it open for up to 60 s).
+        self._retrying("init_transactions", lambda: self._producer_().init_transactions(30))
+        self._reader = StateReader(s.common)
+        static = {"group.instance.id": s.instance_id} if s.static_membership else {}
         self._consumer = Consumer(
             {
                 **s.common,
                 "group.id": s.group_id,
+                # Static membership (KIP-345): a replica restarted under the same id gets its
+                # partitions back without a rebalance and without waiting for its old session.
+                **static,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "isolation.level": "read_committed",
@@ -307,6 +359,13 @@ class KafkaIO:
     def _iterate(self) -> None:
         assert self._consumer is not None
         self._beat()
+        if self._restoring:
+            self._advance_restores()
+        if time.monotonic() - self._windows_expired > 60:
+            self._windows_expired = time.monotonic()
+            for window in self._windows.values():
+                window.expire(time.time())
+            metrics.REMEMBERED.set(sum(len(w) for w in self._windows.values()))
         self._drain_commands()
         self._apply_pause()
         due_in = self._s.commit_interval_s - (time.monotonic() - self._last_commit)
@@ -329,6 +388,8 @@ class KafkaIO:
             self._commit()
         self._consumer.close()  # runs on_revoke: commits anything left, leaves the group
         self._producer.flush(10)
+        if self._reader is not None:
+            self._reader.close()
         log.info("kafka_closed")
 
     # ---- commands from the engine ----
@@ -351,8 +412,30 @@ class KafkaIO:
             self._fail(effect, StaleEffect(f"partition {effect.partition} changed owner or reset"))
             return
         if effect.finishes is not None:
-            self._pending_ids.get(effect.partition, set()).discard(effect.finishes)
+            self._remember(effect)
         self._batch.append(effect)
+
+    def _remember(self, effect: Effect) -> None:
+        """A request finishes: move it from pending to the dedupe window, durably too."""
+        assert effect.finishes is not None
+        rid = effect.finishes
+        content = self._pending.get(effect.partition, {}).pop(rid, "")
+        window = self._windows.get(effect.partition)
+        if not content or window is None:
+            return  # unreadable state: nothing to compare a re-send with
+        outcome: Outcome = "dead_letter" if effect.dead_letter_reason else "result"
+        now_ms = int(time.time() * 1000)
+        window.remember(rid, content, outcome, now_ms / 1000)
+        metrics.REMEMBERED.inc()
+        effect.records.append(
+            OutRecord(
+                self._s.dedupe_topic,
+                rid.encode(),
+                dedupe_value(content, outcome, now_ms),
+                None,
+                effect.partition,
+            )
+        )
 
     def _fail(self, effect: Effect, exc: BaseException) -> None:
         fut = effect.future
@@ -364,6 +447,7 @@ class KafkaIO:
     def _apply_pause(self) -> None:
         assert self._consumer is not None
         reasons = set(self._pause_reasons)
+        restoring = set(self._restoring)
         if self.pending_count() >= self._s.max_pending:
             reasons.add("backpressure")
         elif (
@@ -378,7 +462,7 @@ class KafkaIO:
                 "consumption_paused" if reasons else "consumption_resumed", reasons=sorted(reasons)
             )
         self._last_reasons = reasons
-        want = set(self.assigned) if reasons else set()
+        want = (set(self.assigned) if reasons else set()) | restoring
         if want == self._paused_parts:
             return
         to_pause = want - self._paused_parts
@@ -403,6 +487,10 @@ class KafkaIO:
         partition = msg.partition()
         offset = msg.offset()
         if partition is None or offset is None:
+            return
+        if partition in self._restoring:
+            # Fetched before the pause took effect: read it again once the state is restored.
+            self._consumer_().seek(TopicPartition(msg.topic() or "", partition, offset))
             return
         self._offsets_dirty = True
         ts_type, ts = msg.timestamp()
@@ -460,19 +548,38 @@ class KafkaIO:
                 )
             )
             return
-        rid = verdict.request.request_id
-        ids = self._pending_ids.setdefault(partition, set())
-        if rid in ids:
+        self._judge_accepted(verdict, original, partition, offset, epoch)
+
+    def _judge_accepted(
+        self, verdict: Accepted, original: OriginalRecord, partition: int, offset: int, epoch: int
+    ) -> None:
+        """A valid request: new (to the changelog), a re-send (nothing), or an id conflict."""
+        request = verdict.request
+        rid = request.request_id
+        content = content_hash(request.model_dump(mode="json"))
+        pending = self._pending.setdefault(partition, {})
+        window = self._windows.get(partition)
+        decision = judge_resend(
+            content,
+            pending_content=pending.get(rid),
+            finished=window.get(rid, time.time()) if window is not None else None,
+            replay=any(h.key == REPLAY_HEADER for h in original.headers),
+        )
+        if decision == "duplicate":
             metrics.REQUESTS_CONSUMED.labels("duplicate").inc()
             log.info(
                 "duplicate_request_ignored",
                 request_id=rid,
                 partition=partition,
                 offset=offset,
-                action="none: the pending request with this id will publish one outcome",
+                action="none: this request id has (or will have) exactly one outcome",
             )
             return
-        ids.add(rid)
+        if decision == "conflict":
+            metrics.REQUESTS_CONSUMED.labels("rejected").inc()
+            self._reject_conflict(request, original, partition, offset, epoch)
+            return
+        pending[rid] = content
         metrics.REQUESTS_CONSUMED.labels("accepted").inc()
         entry = new_entry(
             partition=partition,
@@ -480,6 +587,7 @@ class KafkaIO:
             original=original,
             accepted=verdict,
             received_at=utcnow(),
+            content_hash=content,
         )
         value = entry.changelog_value()
         hooks = self._hooks
@@ -495,6 +603,44 @@ class KafkaIO:
                 on_commit=adopt,
             )
         )
+
+    def _reject_conflict(
+        self,
+        request: DocumentRequest,
+        original: OriginalRecord,
+        partition: int,
+        offset: int,
+        epoch: int,
+    ) -> None:
+        reason = DeadLetterReason.REQUEST_ID_CONFLICT
+        message = (
+            f"request id {request.request_id} was used by a different request within "
+            f"BRIDGE_DEDUPE_WINDOW_S={self._s.dedupe_window_s:g} s; give each request its own id"
+        )
+        log.warning(
+            "request_rejected",
+            request_id=request.request_id,
+            reason=reason.value,
+            detail=message,
+            partition=partition,
+            offset=offset,
+            action="dead-lettered; the first request with this id keeps its one outcome",
+        )
+        letter = build_dead_letter(
+            reason=reason,
+            message=message,
+            original=original,
+            request_id=request.request_id,
+            document_type_code=request.document_type_code,
+            received_at=utcnow(),
+        )
+        record = OutRecord(
+            self._s.dead_letter_topic,
+            request.request_id.encode(),
+            letter.model_dump_json().encode(),
+            original.header_tuples(),
+        )
+        self._batch.append(Effect(partition, epoch, [record], dead_letter_reason=reason.value))
 
     # ---- transactions ----
 
@@ -512,76 +658,117 @@ class KafkaIO:
             except BufferError:
                 self._producer.poll(0.05)
 
+    def _producer_(self) -> Producer:
+        assert self._producer is not None
+        return self._producer
+
+    def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
+        """Run a Kafka call, retrying retriable errors with backoff within the transaction timeout.
+
+        Fatal errors (fenced, authentication) raise FatalKafkaError; abortable ones are
+        re-raised for the caller's abort path. Nothing retriable ever ends the process.
+        """
+        deadline = time.monotonic() + self._s.transaction_timeout_ms / 1000
+        delay = 0.1
+        while True:
+            self._beat()
+            try:
+                return call()
+            except KafkaException as exc:
+                kerr: KafkaError = exc.args[0]
+                if kerr.fatal():
+                    raise FatalKafkaError(f"{what} failed: {kerr.str()}") from None
+                if kerr.txn_requires_abort() or not _retriable(kerr):
+                    raise
+                if time.monotonic() > deadline:
+                    raise FatalKafkaError(
+                        f"{what} still failing after {self._s.transaction_timeout_ms} ms: "
+                        f"{kerr.str()}"
+                    ) from None
+                metrics.KAFKA_RETRIES.labels(what).inc()
+                log.warning(
+                    "kafka_call_retry",
+                    call=what,
+                    error=kerr.str(),
+                    retry_in_s=round(delay, 2),
+                    action="none: retried; check the brokers if it persists",
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     def _commit(self) -> None:
         """One transaction: every batched record plus the consumer positions (steps 3-5)."""
-        assert self._consumer is not None
-        assert self._producer is not None
         batch, self._batch = self._batch, []
         self._offsets_dirty = False
         self._last_commit = time.monotonic()
-        producer, consumer = self._producer, self._consumer
+        producer = self._producer_()
         try:
-            producer.begin_transaction()
+            self._retrying("begin_transaction", producer.begin_transaction)
             for eff in batch:
                 for rec in eff.records:
                     self._produce(rec)
-            assignment = consumer.assignment()
-            if assignment:
-                positions = []
-                for tp in consumer.position(assignment):
-                    if tp.offset < 0:
-                        tp.offset = self._base_offsets.get(tp.partition, -1)
-                    if tp.offset >= 0:
-                        positions.append(tp)
-                if positions:
-                    producer.send_offsets_to_transaction(
-                        positions, consumer.consumer_group_metadata(), 30
-                    )
-            self._commit_with_retry()
+            positions = self._positions()
+            if positions:
+                assert self._consumer is not None
+                group = self._consumer.consumer_group_metadata()
+                self._retrying(
+                    "send_offsets_to_transaction",
+                    lambda: producer.send_offsets_to_transaction(positions, group, 30),
+                )
+            self._retrying("commit_transaction", lambda: producer.commit_transaction(30))
         except KafkaException as exc:
             kerr: KafkaError = exc.args[0]
-            if kerr.fatal() or not kerr.txn_requires_abort():
+            if not kerr.txn_requires_abort():
                 raise FatalKafkaError(f"transaction failed: {kerr.str()}") from None
-            metrics.TRANSACTIONS.labels("aborted").inc()
-            log.error(
-                "transaction_aborted",
-                error=kerr.str(),
-                effects=len(batch),
-                action="state of assigned partitions is rebuilt from Kafka; nothing is lost",
-            )
-            try:
-                producer.abort_transaction(30)
-            except KafkaException as abort_exc:
-                raise FatalKafkaError(f"abort failed: {abort_exc.args[0].str()}") from None
-            for eff in batch:
-                self._fail(eff, StaleEffect("transaction aborted"))
-            self._reset(sorted(self.assigned))
+            self._abort(batch, kerr)
             return
         metrics.TRANSACTIONS.labels("committed").inc()
         for eff in batch:
             self._loop.call_soon_threadsafe(_committed, eff)
 
-    def _commit_with_retry(self) -> None:
-        assert self._producer is not None
-        deadline = time.monotonic() + 60
-        while True:
-            self._beat()
-            try:
-                self._producer.commit_transaction(30)
-                return
-            except KafkaException as exc:
-                kerr: KafkaError = exc.args[0]
-                if kerr.retriable() and time.monotonic() < deadline:
-                    log.warning("transaction_commit_retry", error=kerr.str())
-                    continue
-                raise
+    def _positions(self) -> list[TopicPartition]:
+        """Where every assigned partition resumes: an offset for each (zombie fencing applies)."""
+        assert self._consumer is not None
+        assignment = self._consumer.assignment()
+        if not assignment:
+            return []
+        positions = []
+        for tp in self._retrying("position", lambda: self._consumer_().position(assignment)):
+            if tp.offset < 0:
+                tp.offset = self._base_offsets.get(tp.partition, -1)
+            if tp.offset >= 0:
+                positions.append(tp)
+        return positions
+
+    def _consumer_(self) -> Consumer:
+        assert self._consumer is not None
+        return self._consumer
+
+    def _abort(self, batch: list[Effect], kerr: KafkaError) -> None:
+        metrics.TRANSACTIONS.labels("aborted").inc()
+        log.error(
+            "transaction_aborted",
+            error=kerr.str(),
+            effects=len(batch),
+            action="state of assigned partitions is rebuilt from Kafka; nothing is lost",
+        )
+        try:
+            self._retrying("abort_transaction", lambda: self._producer_().abort_transaction(30))
+        except KafkaException as abort_exc:
+            raise FatalKafkaError(f"abort failed: {abort_exc.args[0].str()}") from None
+        for eff in batch:
+            self._fail(eff, StaleEffect("transaction aborted"))
+        self._reset(sorted(self.assigned))
 
     # ---- rebalancing ----
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         parts = sorted(tp.partition for tp in partitions)
-        self._acquire(parts, seek=False)
+        # Assign here (not after the callback) so that the partitions can be paused until
+        # their state is restored.
+        consumer.incremental_assign(partitions)
         self.assigned = frozenset(self.assigned | set(parts))
+        self._acquire(parts, seek=False)
         metrics.ASSIGNED_PARTITIONS.set(len(self.assigned))
         for p in parts:  # a series per partition from the start; statistics fill in the lag
             metrics.CONSUMER_LAG.labels(str(p)).set(0)
@@ -590,11 +777,30 @@ class KafkaIO:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         parts = sorted(tp.partition for tp in partitions)
+        self._quiesce(parts)
         self._drain_commands()
         if self._batch or self._offsets_dirty:
             self._commit()
         self._release(parts)
         log.info("partitions_revoked", partitions=parts, assigned=sorted(self.assigned))
+
+    def _quiesce(self, parts: list[int]) -> None:
+        """Let submits in flight on `parts` finish and commit before the partitions go."""
+        done = threading.Event()
+        self._loop.call_soon_threadsafe(self._hooks.quiesce, parts, done)
+        deadline = time.monotonic() + self._s.revoke_grace_s
+        while not done.wait(0.05):
+            self._beat()
+            self._drain_commands()
+            if self._batch and time.monotonic() - self._last_commit >= self._s.commit_interval_s:
+                self._commit()
+            if time.monotonic() > deadline:
+                log.warning(
+                    "revoke_grace_exceeded",
+                    partitions=parts,
+                    action="submits still in flight are resubmitted by the next owner (counted)",
+                )
+                return
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         parts = sorted(tp.partition for tp in partitions)
@@ -615,50 +821,172 @@ class KafkaIO:
             self._reset(survivors)
 
     def _acquire(self, parts: list[int], *, seek: bool) -> None:
-        """Restore the changelog of `parts` and hand the pending entries to the engine."""
-        started = time.monotonic()
+        """Take over `parts`: committed offsets first, then the state up to a stable end.
+
+        The order is the guarantee (see service.restore): the committed input offsets are
+        read before the state topics' high watermarks, and the state is read only once no
+        transaction below those watermarks is still open.
+        """
+        if not parts:
+            return
         for p in parts:
             self._epochs[p] = self._epochs.get(p, 0) + 1
-        restored = restore_partitions(
-            self._s.common,
-            self._s.changelog_topic,
-            parts,
-            epochs=self._epochs,
-            limits=Limits(self._s.max_request_bytes, self._s.max_document_bytes),
-            timeout_s=self._s.restore_timeout_s,
-            progress=self._beat,
+            self._pending[p] = {}
+        consumer = self._consumer_()
+        tps = [TopicPartition(self._s.input_topic, p) for p in parts]
+        committed: list[TopicPartition] = self._retrying(
+            "committed", lambda: consumer.committed(tps, timeout=30)
         )
-        elapsed = time.monotonic() - started
-        count = 0
+        for tp in committed:
+            offset = tp.offset
+            if offset < 0:
+                low: int = self._retrying(
+                    "get_watermark_offsets",
+                    partial(lambda t: consumer.get_watermark_offsets(t, timeout=30)[0], tp),
+                )
+                offset = low
+            # Kept so that every transaction sends an offset for every assigned partition,
+            # even one not fetched yet: the generation check (zombie fencing) always applies.
+            self._base_offsets[tp.partition] = offset
+            if seek:
+                consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        reader = self._state_reader()
+        ends: dict[str, dict[int, int]] = {
+            topic: self._retrying(
+                "high_watermarks", partial(reader.high_watermarks, topic, parts, 30)
+            )
+            for topic in self._state_topics()
+        }
+        now = time.monotonic()
         for p in parts:
-            entries, unreadable = restored[p]
+            self._restoring[p] = _Restoring({t: ends[t][p] for t in ends}, now)
+        self._apply_pause()
+        self._advance_restores(force=True)
+
+    def _state_topics(self) -> tuple[str, str]:
+        return (self._s.changelog_topic, self._s.dedupe_topic)
+
+    def _state_reader(self) -> StateReader:
+        assert self._reader is not None
+        return self._reader
+
+    def _advance_restores(self, *, force: bool = False) -> None:
+        """Restore the partitions whose state topics are stable up to their targets."""
+        now = time.monotonic()
+        if not force and now - self._lso_checked < 0.2:
+            return
+        self._lso_checked = now
+        waiting = sorted(self._restoring)
+        reader = self._state_reader()
+        stable: dict[str, dict[int, int]] = {
+            topic: self._retrying(
+                "stable_offsets", partial(reader.stable_offsets, topic, waiting, 30)
+            )
+            for topic in self._state_topics()
+        }
+        ready = [
+            p
+            for p in waiting
+            if all(stable[t][p] >= end for t, end in self._restoring[p].ends.items())
+        ]
+        if ready:
+            self._restore(ready)
+        blocked = [p for p in waiting if p in self._restoring]
+        metrics.RESTORE_WAITING.set(len(blocked))
+        for p in blocked:
+            self._report_blocked(p, now, stable)
+        if not self._restoring:
+            self._apply_pause()
+
+    def _report_blocked(self, p: int, now: float, stable: dict[str, dict[int, int]]) -> None:
+        job = self._restoring[p]
+        waited = now - job.since
+        if waited < 2.0 or now - job.reported < 10.0:
+            return
+        job.reported = now
+        stuck = waited > self._s.restore_timeout_s
+        (log.error if stuck else log.warning)(
+            "restore_waiting_for_open_transaction",
+            partition=p,
+            waited_s=round(waited),
+            stable={t: stable[t][p] for t in stable},
+            needed=job.ends,
+            action=(
+                "a producer keeps a transaction open on the state topics: find it with "
+                "kafka-transactions.sh --describe-producers and abort it"
+                if stuck
+                else "none: a replica died mid-commit; Kafka aborts its transaction after "
+                "transaction.timeout.ms, then the partition is restored"
+            ),
+        )
+
+    def _restore(self, parts: list[int]) -> None:
+        started = time.monotonic()
+        reader = self._state_reader()
+        latest: dict[int, dict[str, bytes]] = {p: {} for p in parts}
+        windows = {p: DedupeWindow(self._s.dedupe_window_s) for p in parts}
+
+        def on_state(p: int, key: bytes, value: bytes | None, _ts: int) -> None:
+            rid = key.decode("utf-8", errors="replace")
+            if value is None:
+                latest[p].pop(rid, None)
+            else:
+                latest[p][rid] = value
+
+        def on_done(p: int, key: bytes, value: bytes | None, _ts: int) -> None:
+            parsed = parse_dedupe_value(value) if value is not None else None
+            if parsed is not None:
+                content, outcome, finished_ms = parsed
+                windows[p].remember(
+                    key.decode("utf-8", "replace"), content, outcome, finished_ms / 1000
+                )
+
+        for topic, on_record in (
+            (self._s.changelog_topic, on_state),
+            (self._s.dedupe_topic, on_done),
+        ):
+            until = {p: self._restoring[p].ends[topic] for p in parts}
+            reader.read(
+                topic,
+                until,
+                on_record,
+                timeout_s=self._s.restore_timeout_s * 10,
+                progress=self._beat,
+            )
+        count = 0
+        limits = Limits(self._s.max_request_bytes, self._s.max_document_bytes)
+        for p in parts:
+            del self._restoring[p]
+            windows[p].expire(time.time())
+            self._windows[p] = windows[p]
+            entries, unreadable = entries_from_values(
+                latest.pop(p), partition=p, epoch=self._epochs[p], limits=limits
+            )
             count += len(entries) + len(unreadable)
-            self._pending_ids[p] = {e.request_id for e in entries} | {
-                u.request_id for u in unreadable
+            self._pending[p] = {e.request_id: e.content_hash for e in entries} | {
+                u.request_id: "" for u in unreadable
             }
             self._loop.call_soon_threadsafe(
                 self._hooks.adopt, p, self._epochs[p], entries, unreadable
             )
-        if self._consumer is not None and parts:
-            # Where each partition resumes: its committed offset, else the log start. Kept so
-            # that every transaction sends an offset for every assigned partition, even one
-            # not fetched yet: the group generation check (zombie fencing) then always applies.
-            tps = [TopicPartition(self._s.input_topic, p) for p in parts]
-            for tp in self._consumer.committed(tps, timeout=30):
-                offset = tp.offset
-                if offset < 0:
-                    offset, _ = self._consumer.get_watermark_offsets(tp, timeout=30)
-                self._base_offsets[tp.partition] = offset
-                if seek:
-                    self._consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        elapsed = time.monotonic() - started
         metrics.RESTORE_DURATION.observe(elapsed)
         metrics.RESTORED_RECORDS.inc(count)
-        log.info("changelog_restored", partitions=parts, pending=count, seconds=round(elapsed, 3))
+        log.info(
+            "state_restored",
+            partitions=parts,
+            pending=count,
+            remembered=sum(len(self._windows[p]) for p in parts),
+            seconds=round(elapsed, 3),
+        )
+        metrics.REMEMBERED.set(sum(len(w) for w in self._windows.values()))
 
     def _release(self, parts: list[int]) -> None:
         for p in parts:
             self._epochs[p] = self._epochs.get(p, 0) + 1
-            self._pending_ids.pop(p, None)
+            self._pending.pop(p, None)
+            self._windows.pop(p, None)
+            self._restoring.pop(p, None)
             self._base_offsets.pop(p, None)
             self._paused_parts.discard(p)
             self._loop.call_soon_threadsafe(self._hooks.drop, p)
@@ -688,6 +1016,34 @@ class KafkaIO:
                     metrics.CONSUMER_LAG.labels(str(p)).set(lag)
         except (ValueError, TypeError, AttributeError):
             log.warning("kafka_stats_unreadable")
+
+
+#: Errors that pass with time (leadership moves, coordinators load, brokers restart), whether
+#: or not librdkafka flags them retriable (look-ups such as watermarks never do).
+_RETRIABLE_CODES = frozenset(
+    {
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._WAIT_COORD,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.CONCURRENT_TRANSACTIONS,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        KafkaError.REBALANCE_IN_PROGRESS,
+    }
+)
+
+
+def _retriable(kerr: KafkaError) -> bool:
+    return bool(kerr.retriable()) or kerr.code() in _RETRIABLE_CODES
 
 
 def _set_exception(fut: asyncio.Future[None], exc: BaseException) -> None:

@@ -191,6 +191,8 @@ class DeadLetterReason(StrEnum):
     """No terminal status before the conversion deadline."""
     RETRIES_EXHAUSTED = "retries_exhausted"
     """Transient errors (429, 5xx, timeouts) went on past the retry deadline."""
+    REQUEST_ID_CONFLICT = "request_id_conflict"
+    """A different request reused the id of one pending or finished within the dedupe window."""
 
 
 class EncodedBytes(_Model):
@@ -287,6 +289,10 @@ class PendingRecord(_Model):
     submitted_at: datetime | None = None
     status_calls: int = 0
     lost_resubmits: int = 0
+    content_hash: str | None = Field(
+        default=None,
+        description="Hash of the request's canonical content (re-sends vs id conflicts).",
+    )
 
 
 #: Every model with a published JSON Schema, by file stem.

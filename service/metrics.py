@@ -58,6 +58,7 @@ DEAD_LETTER_REASONS: Final = (
     "conversion_lost",
     "timeout",
     "retries_exhausted",
+    "request_id_conflict",
 )
 MAX_DOCUMENT_TYPES: Final = 50
 
@@ -170,6 +171,25 @@ RESTORED_RECORDS = Counter(
     "docutray_bridge_changelog_restored_records_total",
     "Pending conversions restored from the changelog after an assignment.",
 )
+RESTORE_WAITING = Gauge(
+    "docutray_bridge_restore_waiting_partitions",
+    "Assigned partitions whose restore waits for an open transaction on the state topics.",
+)
+KAFKA_RETRIES = Counter(
+    "docutray_bridge_kafka_retries_total",
+    "Retriable Kafka errors retried, by call (begin/commit/abort_transaction, offsets, ...).",
+    ["call"],
+)
+UNEXPECTED_ERRORS = Counter(
+    "docutray_bridge_unexpected_errors_total",
+    "Unexpected exceptions in a submit or status task (a bug or an unknown failure); "
+    "the entry is retried with backoff.",
+    ["stage"],
+)
+REMEMBERED = Gauge(
+    "docutray_bridge_dedupe_remembered_requests",
+    "Finished request ids in this replica's dedupe window (re-sends cost nothing).",
+)
 CONSUMPTION_PAUSED = Gauge(
     "docutray_bridge_consumption_paused",
     "1 while consumption is paused, by reason.",
@@ -249,6 +269,8 @@ def init_series() -> None:
         LIMITER_CONFIGURED_RATE.labels(budget)
     for outcome in TXN_OUTCOMES:
         TRANSACTIONS.labels(outcome)
+    for stage in ("submit", "status"):
+        UNEXPECTED_ERRORS.labels(stage)
     for reason in RESUBMIT_REASONS:
         RESUBMISSIONS.labels(reason)
     for reason in PAUSE_REASONS:

@@ -14,21 +14,19 @@ submitted. The changelog value is spliced from a small header and those
 bytes; :class:`~service.messages.PendingRecord` is its schema (a test checks
 that the two agree).
 
-:func:`restore_partitions` rebuilds the pending entries of newly assigned
-partitions by reading their changelog with ``read_committed`` to the end.
+:func:`entries_from_values` rebuilds the pending entries of a newly assigned
+partition from the last changelog value of each request id, which
+:mod:`service.restore` reads (never past an open transaction).
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from service.intake import Accepted, parse_record
 from service.messages import (
@@ -80,6 +78,8 @@ class Entry:
     #: The parsed request, only while a submit is under way (re-read from the original bytes).
     request: DocumentRequest | None = None
     content_type: str | None = None
+    #: Hash of the request's canonical content (service.dedupe): re-sends vs id conflicts.
+    content_hash: str = ""
 
     @property
     def key(self) -> tuple[int, str]:
@@ -119,6 +119,7 @@ class Entry:
             "submitted_at": _iso(self.submitted_at),
             "status_calls": self.status_calls,
             "lost_resubmits": self.lost_resubmits,
+            "content_hash": self.content_hash or None,
         }
         text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
         return text[:-1] + b',"original":' + self.original_json + b"}"
@@ -135,6 +136,7 @@ def new_entry(
     original: OriginalRecord,
     accepted: Accepted,
     received_at: datetime,
+    content_hash: str = "",
 ) -> Entry:
     """The entry of a request just accepted from the input topic (state `queued`).
 
@@ -153,6 +155,7 @@ def new_entry(
         document_type_code=request.document_type_code,
         metadata=request.metadata,
         filename=request.filename,
+        content_hash=content_hash,
     )
 
 
@@ -181,6 +184,7 @@ def entry_from_changelog(value: bytes, *, partition: int, epoch: int, limits: Li
         next_attempt_at=record.next_attempt_at,
         last_error=record.last_error,
         in_doubt=record.state == "submitting",
+        content_hash=record.content_hash or "",
     )
     if record.state == "submitted" and record.conversion_id:
         fields = json.loads(original.value.raw()) if original.value is not None else None
@@ -218,98 +222,22 @@ class Unreadable:
     error: str
 
 
-def restore_partitions(
-    conf: dict[str, Any],
-    topic: str,
-    partitions: list[int],
-    *,
-    epochs: dict[int, int],
-    limits: Limits,
-    timeout_s: float,
-    progress: Callable[[], None] | None = None,
-) -> dict[int, tuple[list[Entry], list[Unreadable]]]:
-    """Read the changelog of `partitions` from the beginning to the end (read_committed).
+def entries_from_values(
+    values: dict[str, bytes], *, partition: int, epoch: int, limits: Limits
+) -> tuple[list[Entry], list[Unreadable]]:
+    """The entries of a partition's last changelog values (read by service.restore).
 
-    Returns, per partition, the entries of every request id whose last record
-    is not a tombstone, and the records that could not be read. Raises
-    TimeoutError if the end is not reached in time.
+    Records that cannot be turned into an entry come back as :class:`Unreadable`
+    (they are dead-lettered, never dropped). Each value is freed once its entry exists.
     """
-    latest: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
-    if partitions:
-        _read_to_end(conf, topic, partitions, latest, timeout_s=timeout_s, progress=progress)
-    result: dict[int, tuple[list[Entry], list[Unreadable]]] = {}
-    for p, values in latest.items():
-        entries: list[Entry] = []
-        unreadable: list[Unreadable] = []
-        while values:  # popping frees each value as soon as its entry exists
-            rid, value = values.popitem()
-            try:
-                entries.append(
-                    entry_from_changelog(value, partition=p, epoch=epochs[p], limits=limits)
-                )
-            except ValueError as exc:
-                unreadable.append(Unreadable(rid, value, str(exc).splitlines()[0]))
-        result[p] = (entries, unreadable)
-    return result
-
-
-def _read_to_end(
-    conf: dict[str, Any],
-    topic: str,
-    partitions: list[int],
-    latest: dict[int, dict[str, bytes]],
-    *,
-    timeout_s: float,
-    progress: Callable[[], None] | None,
-) -> None:
-    consumer = Consumer(
-        {
-            **conf,
-            "group.id": "docutray-bridge-restore",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-            # Prefetch little: the records are kept (as bytes) until restore ends anyway.
-            "queued.max.messages.kbytes": 8192,
-        }
-    )
-    try:
-        todo: set[int] = set()
-        for p in partitions:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, p), timeout=timeout_s, cached=False
+    entries: list[Entry] = []
+    unreadable: list[Unreadable] = []
+    while values:
+        rid, value = values.popitem()
+        try:
+            entries.append(
+                entry_from_changelog(value, partition=partition, epoch=epoch, limits=limits)
             )
-            if high > low:
-                todo.add(p)
-        if not todo:
-            return
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(todo)])
-        deadline = time.monotonic() + timeout_s
-        while todo:
-            if progress is not None:
-                progress()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"changelog restore of {topic} {sorted(todo)} timed out")
-            for msg in consumer.consume(num_messages=10_000, timeout=0.2):
-                err = msg.error()
-                partition = msg.partition()
-                if partition is None:
-                    continue
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        todo.discard(partition)
-                        continue
-                    raise RuntimeError(f"changelog restore failed: {err}")
-                key = msg.key()
-                if key is None:
-                    continue
-                rid = key.decode("utf-8", errors="replace")
-                value = msg.value()
-                if value is None:
-                    latest[partition].pop(rid, None)
-                else:
-                    latest[partition][rid] = value
-    finally:
-        consumer.close()
+        except ValueError as exc:
+            unreadable.append(Unreadable(rid, value, str(exc).splitlines()[0]))
+    return entries, unreadable

@@ -33,9 +33,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Literal, cast
 
 import structlog
 
@@ -99,8 +101,19 @@ class Engine(EngineHooks):
         self._tasks_by_key: dict[Key, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         # At most one HTTP call per pooled connection: requests queued inside httpx's pool make
-        # every call scan the whole queue (quadratic CPU); waiting here costs nothing.
-        self._http_slots = asyncio.Semaphore(settings.docutray_max_connections)
+        # every call scan the whole queue (quadratic CPU); waiting here costs nothing. Submits
+        # and status calls each have half, and a task takes its slot *before* its permit, so a
+        # permit is spent the moment it is granted (no bunching past the provider's window)
+        # and neither kind can hold every connection while waiting for its budget.
+        submit_slots = max(1, settings.docutray_max_connections // 2)
+        self._slots: dict[Budget, asyncio.Semaphore] = {
+            "submit": asyncio.Semaphore(submit_slots),
+            "status": asyncio.Semaphore(max(1, settings.docutray_max_connections - submit_slots)),
+        }
+        #: Tasks whose HTTP call is under way: a drain or revoke lets these finish.
+        self._in_call: set[Key] = set()
+        #: Partitions being revoked: no new call starts there.
+        self._revoking: set[int] = set()
         self._limits = Limits(settings.max_request_bytes, settings.max_document_bytes)
         self._paused: set[str] = set()
         self._stopping = False
@@ -151,6 +164,7 @@ class Engine(EngineHooks):
 
     def drop(self, partition: int) -> None:
         """Forget a partition: its owner (maybe us again, after a reset) restores it from Kafka."""
+        self._revoking.discard(partition)
         for key in [k for k in self._entries if k[0] == partition]:
             del self._entries[key]
             self._submit_due.cancel(key)
@@ -217,6 +231,8 @@ class Engine(EngineHooks):
                 free = self._s.max_inflight_submits - len(self._submit_tasks)
                 if free > 0:
                     for key in self._submit_due.pop_due(now, limit=free):
+                        if key[0] in self._revoking:
+                            continue  # the partition's next owner submits it
                         self._spawn(self._submit_tasks, key, self._submit(key))
                 free = self._s.max_inflight_polls - len(self._poll_tasks)
                 if free > 0:
@@ -247,18 +263,42 @@ class Engine(EngineHooks):
         task.add_done_callback(done)
 
     async def drain(self, *, grace_s: float) -> None:
-        """Graceful stop: no new work, let in-flight submits record their outcome, cancel polls."""
+        """Graceful stop: no new call; calls under way finish and commit; nothing else waits.
+
+        A submit waiting for its HTTP slot or permit goes back to ``queued`` (so the next owner
+        does not count a resubmission); one whose call is under way gets `grace_s` to record
+        its outcome. Polls are cancelled: the next owner polls again.
+        """
         self._stopping = True
         self._wake.set()
-        if self._submit_tasks:
-            _, still = await asyncio.wait(set(self._submit_tasks), timeout=grace_s)
-            for task in still:
-                task.cancel()
-        for task in list(self._poll_tasks):
-            task.cancel()
+        await self._settle(lambda key: True, grace_s=grace_s)
         if self._probe_task is not None:
             self._probe_task.cancel()
-        await asyncio.gather(*self._submit_tasks, *self._poll_tasks, return_exceptions=True)
+
+    def quiesce(self, partitions: list[int], done: threading.Event) -> None:
+        """A revoke: start no call on `partitions`; set `done` once their calls have finished."""
+        parts = set(partitions)
+        self._revoking |= parts
+
+        async def settle() -> None:
+            try:
+                await self._settle(lambda key: key[0] in parts, grace_s=self._s.shutdown_grace_s)
+            finally:
+                done.set()
+
+        asyncio.get_running_loop().create_task(settle())
+
+    async def _settle(self, selected: Callable[[Key], bool], *, grace_s: float) -> None:
+        """Cancel the selected keys' tasks that are not in a call; wait for the others."""
+        for key, task in list(self._tasks_by_key.items()):
+            if selected(key) and (key not in self._in_call or task in self._poll_tasks):
+                task.cancel()
+        busy = [t for k, t in self._tasks_by_key.items() if selected(k)]
+        if busy:
+            _, still = await asyncio.wait(busy, timeout=grace_s)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
 
     # ---- effects ----
 
@@ -405,6 +445,15 @@ class Engine(EngineHooks):
     # ---- submitting ----
 
     async def _submit(self, key: Key) -> None:
+        """One submit attempt; whatever goes wrong, the entry keeps a next step (item 7)."""
+        try:
+            await self._submit_once(key)
+        except Exception as exc:  # a bug or an unknown failure must not strand the entry
+            entry = self._entries.get(key)
+            if entry is not None and self._owned(entry):
+                await self._unexpected(entry, "submit", exc)
+
+    async def _submit_once(self, key: Key) -> None:
         entry = self._entries.get(key)
         if entry is None:
             return
@@ -426,32 +475,55 @@ class Engine(EngineHooks):
                 "the stored request no longer passes validation (were the size limits lowered?)",
             )
             return
-        # Step 1: a permit.
-        if not await self._permit("submit", entry, self._submit_due):
-            return
-        # Step 2: the intent, durable before the HTTP call.
+        # Step 1: the intent, durable before the HTTP call.
         resubmission = entry.in_doubt
         entry.state = "submitting"
         entry.attempts += 1
         self._update_gauges()
-        committed = await self._write(
-            Effect(entry.partition, entry.epoch, [self._changelog(entry)]), wait=True
-        )
-        if not committed or not self._owned(entry):
-            return
-        if resubmission:
-            metrics.RESUBMISSIONS.labels("recovery").inc()
-            entry.in_doubt = False
-        # Step 3: the call.
         try:
-            async with self._http_slots:
-                submission = await self._call_submit(accepted)
-        except (DocuTrayError, FetchError) as exc:
-            await self._submit_failed(entry, exc)
-            return
+            committed = await self._write(
+                Effect(entry.partition, entry.epoch, [self._changelog(entry)]), wait=True
+            )
+            if not committed or not self._owned(entry):
+                return
+            # Step 2: a connection slot, then the permit, right before the call.
+            async with self._slots["submit"]:
+                if not await self._permit("submit", entry, self._submit_due):
+                    self._not_called(entry)
+                    return
+                self._in_call.add(key)
+                if resubmission:
+                    metrics.RESUBMISSIONS.labels("recovery").inc()
+                    entry.in_doubt = False
+                # Step 3: the call.
+                try:
+                    submission = await self._call_submit(accepted)
+                except (DocuTrayError, FetchError) as exc:
+                    await self._submit_failed(entry, exc)
+                    return
+        except asyncio.CancelledError:
+            if key not in self._in_call:
+                self._not_called(entry)
+            raise
         finally:
+            self._in_call.discard(key)
             entry.request = None  # memory: parsed again from the original bytes when needed
         # Step 4: the outcome.
+        await self._submitted(entry, submission)
+
+    def _not_called(self, entry: Entry) -> None:
+        """The submit stopped before its call: back to ``queued``, no resubmission to count."""
+        if not self._owned(entry) or entry.state != "submitting":
+            return
+        entry.state = "queued"
+        entry.attempts = max(0, entry.attempts - 1)
+        self._update_gauges()
+        assert self.kafka is not None
+        self.kafka.submit(Effect(entry.partition, entry.epoch, [self._changelog(entry)]))
+        if not self._stopping and entry.partition not in self._revoking:
+            self._submit_due.schedule(entry.key, time.monotonic() + self._rng.uniform(0.5, 2.0))
+
+    async def _submitted(self, entry: Entry, submission: Submission) -> None:
         self._api_ok()
         metrics.SUBMISSIONS.labels("accepted", "2xx").inc()
         self._limiter.on_success("submit")
@@ -475,6 +547,34 @@ class Engine(EngineHooks):
         delay = self._policy.first_delay_s(entry.document_type_code, rng=self._rng)
         self._poll_due.schedule(entry.key, time.monotonic() + delay)
         self._wake.set()
+
+    async def _unexpected(
+        self, entry: Entry, stage: Literal["submit", "status"], exc: Exception
+    ) -> None:
+        """An exception nobody classified: count it, log it, and retry with backoff."""
+        metrics.UNEXPECTED_ERRORS.labels(stage).inc()
+        log.error(
+            "task_failed_unexpectedly",
+            request_id=entry.request_id,
+            conversion_id=entry.conversion_id,
+            stage=stage,
+            error=repr(exc),
+            action="retried with backoff (then retries_exhausted or timeout); "
+            "please report this with the log line",
+            exc_info=exc,
+        )
+        if stage == "status":
+            delay = retry_delay_s(
+                min(max(1, entry.status_calls), 8),
+                retry_after_s=None,
+                base_s=self._s.retry_base_s,
+                cap_s=self._s.retry_cap_s,
+                rng=self._rng,
+            )
+            self._poll_due.schedule(entry.key, time.monotonic() + delay)
+            self._wake.set()
+            return
+        await self._requeue(entry, exc, Verdict("retry"), budget="submit", attempts_charged=True)
 
     async def _call_submit(self, accepted: Accepted) -> Submission:
         req = accepted.request
@@ -591,7 +691,7 @@ class Engine(EngineHooks):
             queue.schedule(entry.key, time.monotonic() + self._rng.uniform(0.5, 2.0))
             return False
         metrics.LIMITER_WAIT.labels(budget).observe(waited)
-        if not self._owned(entry):
+        if not self._owned(entry) or self._stopping or entry.partition in self._revoking:
             return False
         if self._paused:
             queue.schedule(entry.key, time.monotonic() + 1.0)
@@ -601,6 +701,15 @@ class Engine(EngineHooks):
     # ---- polling ----
 
     async def _poll(self, key: Key) -> None:
+        """One status call; whatever goes wrong, the entry keeps a next step (item 7)."""
+        try:
+            await self._poll_once(key)
+        except Exception as exc:  # a bug or an unknown failure must not strand the entry
+            entry = self._entries.get(key)
+            if entry is not None and self._owned(entry):
+                await self._unexpected(entry, "status", exc)
+
+    async def _poll_once(self, key: Key) -> None:
         entry = self._entries.get(key)
         if entry is None or entry.conversion_id is None:
             return
@@ -613,15 +722,15 @@ class Engine(EngineHooks):
                 f"(BRIDGE_CONVERSION_DEADLINE_S={self._s.conversion_deadline_s:g})",
             )
             return
-        if not await self._permit("status", entry, self._poll_due):
-            return
-        entry.status_calls += 1
-        try:
-            async with self._http_slots:
+        async with self._slots["status"]:
+            if not await self._permit("status", entry, self._poll_due):
+                return
+            entry.status_calls += 1
+            try:
                 status = await self._client.get_status(entry.conversion_id)
-        except DocuTrayError as exc:
-            await self._status_failed(entry, exc)
-            return
+            except DocuTrayError as exc:
+                await self._status_failed(entry, exc)
+                return
         self._api_ok()
         self._limiter.on_success("status")
         if not self._owned(entry):

@@ -20,6 +20,7 @@ from typing import Any, cast
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from pydantic import ValidationError
 
+from service.dedupe import REPLAY_HEADER
 from service.errors import BridgeError
 from service.intake import sniff_content_type
 from service.messages import (
@@ -29,8 +30,6 @@ from service.messages import (
     DocumentRequest,
     DocumentSource,
 )
-
-REPLAY_HEADER = "docutray-bridge-replay-of"
 
 
 class ToolError(BridgeError):
