@@ -538,6 +538,8 @@ def test_cli_help_documents_every_knob() -> None:
             assert "--api-key" in options
         elif name == "processing_median_s_by_type":
             assert "--processing-median-for" in options
+        elif name in ("webhook_urls", "webhook_events"):
+            assert "--" + name[:-1].replace("_", "-") in options, name
         else:
             assert "--" + name.replace("_", "-") in options, name
     for param in emulator_command.params:

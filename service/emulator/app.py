@@ -1,12 +1,13 @@
 """The emulator's ASGI app: DocuTray's async conversion API, as the contract says.
 
-Routes (bodies and statuses per /work/shared/docutray-api.md):
+Routes (bodies and statuses per docs/docutray-api.md):
 
     GET  /healthz                                 no auth, {"status": "ok"}
     POST /api/convert-async                       multipart, base64 JSON or URL JSON
     GET  /api/convert-async/status/{id}
     GET  /api/document-types?search=&page=&limit=
     GET  /api/document-types/{id}
+    GET  /api/usage[?year=&month=]                never 429 or 402, spends no budget
 
 Emulator-only routes (no auth; never present on the real service):
 
@@ -17,10 +18,16 @@ Emulator-only routes (no auth; never present on the real service):
     POST /_emulator/reset-stats                   zero the counters
 
 Every API call goes through the same gate, in this order: expire finished
-conversions, authenticate (401), spend rate-limit budget (429), apply an
-injected slow answer. An injected 500 on submit is decided at the gate but
-answered after the body is read, so the client always sees a clean answer
-and no conversion is created.
+conversions, authenticate (401), spend rate-limit budget in the minute, hour
+and day windows (429 naming the spent window), apply an injected slow answer.
+A submit then meets the monthly quota (402, before its body is read, and
+again at the instant of acceptance so concurrent submits cannot overshoot
+it). An injected 500 on submit is decided at the gate but answered after the
+body is read, so the client always sees a clean answer and no conversion is
+created. `/api/usage` passes authentication and injected faults only.
+
+Accepted conversions feed the usage ledger (`usage.py`) and, when webhook
+URLs are configured, the webhook dispatcher (`webhooks.py`).
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ from service.emulator.formats import (
     size_label,
     sniff_mime_type,
 )
-from service.emulator.limits import MinuteRateLimiter, rate_limited_body
+from service.emulator.limits import PlanRateLimiter, rate_limited_body
 from service.emulator.stats import EmulatorStats
 from service.emulator.uploads import (
     BoundedBody,
@@ -77,16 +84,21 @@ from service.emulator.uploads import (
     consume_body,
     json_body_limit,
 )
+from service.emulator.usage import UsageLedger, month_of, quota_exceeded_body
+from service.emulator.webhooks import WebhookDispatcher
 
 log = structlog.get_logger(__name__)
 
-CallKind = Literal["submit", "status", "catalogue"]
+CallKind = Literal["submit", "status", "catalogue", "usage"]
 
 _FAULT_MESSAGES: Final[dict[CallKind, str]] = {
     "submit": "Internal server error: Failed to start conversion",
     "status": "Internal server error: Failed to retrieve conversion status",
     "catalogue": "Internal server error",
+    "usage": "Internal server error",
 }
+_PDF_PAGES_MAX: Final = 3
+"""A PDF counts 1..3 pages in usage (drawn from its plan); an image counts 1."""
 _UNSUPPORTED_FORMAT: Final = "Unsupported file format. Accepted formats: " + ", ".join(
     SUPPORTED_MIME_TYPES
 )
@@ -130,13 +142,21 @@ class EmulatorState:
 
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
-        self.limiter = MinuteRateLimiter(
-            limit_per_minute=config.rate_limit_per_minute,
+        self.limiter = PlanRateLimiter(
+            per_minute=config.rate_limit_per_minute,
+            per_hour=config.rate_limit_per_hour,
+            per_day=config.rate_limit_per_day,
             algorithm=config.rate_limit_algorithm,
         )
         self.faults = FaultInjector(seed=config.seed)
         self.store = ConversionStore()
         self.stats = EmulatorStats()
+        self.ledger = UsageLedger()
+        self.webhooks = WebhookDispatcher(
+            config=lambda: self.config,
+            stats=lambda: self.stats,
+            is_live=lambda c: self.store.get(c.conversion_id) is c,
+        )
         self.sequence = 0
         self._owners = {_fingerprint(k.get_secret_value()) for k in config.api_keys}
         self._request_prefix = secrets.token_hex(4)
@@ -146,7 +166,11 @@ class EmulatorState:
     def apply(self, patch: KnobsPatch) -> None:
         """Replace the runtime knobs; calls counted while a limit was on still count."""
         self.config = self.config.patched(patch)
-        self.limiter.limit_per_minute = self.config.rate_limit_per_minute
+        self.limiter.set_limits(
+            per_minute=self.config.rate_limit_per_minute,
+            per_hour=self.config.rate_limit_per_hour,
+            per_day=self.config.rate_limit_per_day,
+        )
 
     def owner_of(self, authorization: str | None) -> str | None:
         """The key fingerprint for a valid `Bearer <key>` header, else None."""
@@ -192,14 +216,16 @@ async def _gate(request: Request, kind: CallKind) -> tuple[str, CallFaults] | JS
     config = state.config
     now_s = time.time()
     state.store.expire(now_s)
+    state.ledger.settle(now_s)
     owner = state.owner_of(request.headers.get("authorization"))
     if owner is None:
         state.stats.auth_failures += 1
         return _json(state, {"error": "Invalid API key"}, 401)
-    if config.rate_limit_scope == "all" or kind == "submit":
+    if kind != "usage" and (config.rate_limit_scope == "all" or kind == "submit"):
         decision = state.limiter.acquire(owner, now_s=now_s)
         if not decision.allowed:
             state.stats.rate_limited += 1
+            state.stats.rate_limited_by_window[decision.limit_type] += 1
             body, retry_after_s = rate_limited_body(decision, now_s=now_s)
             return _json(state, body, 429, headers={"Retry-After": str(retry_after_s)})
         state.stats.record_counted_call(time.monotonic())
@@ -242,6 +268,10 @@ async def _submit(request: Request, state: EmulatorState) -> tuple[Response, str
         await _drain(request, state)
         return gate, None
     owner, faults = gate
+    quota = _quota_exceeded(state, owner)
+    if quota is not None:
+        await _drain(request, state)
+        return quota, None
     try:
         submission = await _read_submission(request, state)
     except _Rejected as rejected:
@@ -254,6 +284,15 @@ async def _submit(request: Request, state: EmulatorState) -> tuple[Response, str
     return _accept(request, state, owner, submission, request_id=request_id), request_id
 
 
+def _quota_exceeded(state: EmulatorState, owner: str) -> JSONResponse | None:
+    """The 402 answer when `owner`'s monthly quota is spent, else None."""
+    decision = state.ledger.check_quota(owner, state.config.monthly_quota, now_s=time.time())
+    if decision.allowed:
+        return None
+    state.stats.quota_exceeded += 1
+    return _json(state, quota_exceeded_body(decision), 402)
+
+
 def _accept(
     request: Request,
     state: EmulatorState,
@@ -262,6 +301,10 @@ def _accept(
     *,
     request_id: str | None,
 ) -> Response:
+    # No await from here on: the quota check and the acceptance are one step.
+    quota = _quota_exceeded(state, owner)
+    if quota is not None:
+        return quota
     config = state.config
     now_s = time.time()
     state.sequence += 1
@@ -288,6 +331,14 @@ def _accept(
         request_id=request_id,
     )
     state.store.add(conversion, ttl_s=config.finished_ttl_s)
+    pages = 1 + plan.data_seed % _PDF_PAGES_MAX if document.mime_type == "application/pdf" else 1
+    state.ledger.record_accepted(
+        owner,
+        now_s=now_s,
+        succeeds_at_s=conversion.ends_at_s if plan.outcome == "SUCCESS" else None,
+        pages=pages,
+    )
+    state.webhooks.schedule(conversion, metadata=submission.metadata, now_s=now_s)
     base = config.public_base_url or str(request.base_url).rstrip("/")
     log.debug(
         "conversion_submitted",
@@ -554,6 +605,34 @@ async def get_document_type(request: Request) -> Response:
     return _json(state, found.detail(), 200)
 
 
+async def usage(request: Request) -> Response:
+    """GET /api/usage?year=&month=: the key's successful conversions and pages in a month."""
+    state = _state(request)
+    state.stats.usage_calls += 1
+    gate = await _gate(request, "usage")
+    if isinstance(gate, JSONResponse):
+        return gate
+    owner, faults = gate
+    if faults.fail_500:
+        return _fault(state, "usage")
+    now_s = time.time()
+    params = request.query_params
+    raw_year, raw_month = params.get("year"), params.get("month")
+    if raw_year is None and raw_month is None:
+        month = month_of(now_s)
+    else:
+        try:
+            month = (
+                _positive_int(raw_year, name="year", default=0, maximum=9999),
+                _positive_int(raw_month, name="month", default=0, maximum=12),
+            )
+        except _Rejected as rejected:
+            return _json(state, rejected.body, rejected.status_code)
+        if 0 in month:
+            return _json(state, _validation_error("year and month must be given together"), 400)
+    return _json(state, state.ledger.usage(owner, month, now_s=now_s), 200)
+
+
 # --- emulator-only routes ----------------------------------------------------
 
 
@@ -615,6 +694,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         emulator.fetcher = UrlFetcher()
+        await emulator.webhooks.start()
         log.info(
             "emulator_started",
             pid=os.getpid(),
@@ -625,6 +705,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
         try:
             yield
         finally:
+            await emulator.webhooks.aclose()
             await emulator.fetcher.aclose()
             emulator.fetcher = None
 
@@ -634,6 +715,7 @@ def create_app(config: EmulatorConfig) -> Starlette:
         Route("/api/convert-async/status/{conversion_id}", status, methods=["GET"]),
         Route("/api/document-types", list_document_types, methods=["GET"]),
         Route("/api/document-types/{type_id}", get_document_type, methods=["GET"]),
+        Route("/api/usage", usage, methods=["GET"]),
         Route("/_emulator/stats", get_stats, methods=["GET"]),
         Route("/_emulator/config", get_config, methods=["GET"]),
         Route("/_emulator/config", patch_config, methods=["POST"]),

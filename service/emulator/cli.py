@@ -18,7 +18,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.emulator.app import create_app
-from service.emulator.config import EmulatorConfig
+from service.emulator.config import WEBHOOK_EVENTS, EmulatorConfig
 from service.logging import configure_logging, register_secrets
 
 _DEFAULTS = EmulatorConfig()
@@ -114,6 +114,22 @@ def _bind(host: str, port: int) -> socket.socket:
     help="Calls per API key per minute before 429; 0 disables the limit.",
 )
 @click.option(
+    "--rate-limit-per-hour",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    envvar="EMULATOR_RATE_LIMIT_PER_HOUR",
+    help="Calls per API key per hour before 429 with limitType 'hour'; 0 disables it.",
+)
+@click.option(
+    "--rate-limit-per-day",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    envvar="EMULATOR_RATE_LIMIT_PER_DAY",
+    help="Calls per API key per day (UTC) before 429 with limitType 'day'; 0 disables it.",
+)
+@click.option(
     "--rate-limit-scope",
     type=click.Choice(["all", "submit"]),
     default=_DEFAULTS.rate_limit_scope,
@@ -128,6 +144,15 @@ def _bind(host: str, port: int) -> socket.socket:
     show_default=True,
     envvar="EMULATOR_RATE_LIMIT_ALGORITHM",
     help="sliding: at most N calls in any 60 s; fixed: N per wall-clock minute.",
+)
+@click.option(
+    "--monthly-quota",
+    type=click.IntRange(min=0),
+    default=None,
+    envvar="EMULATOR_MONTHLY_QUOTA",
+    help="Conversions accepted per API key per calendar month (UTC); then submissions "
+    "get 402 {error, quota, used, resetDate} while status and usage calls keep working. "
+    "[default: no quota]",
 )
 @click.option(
     "--processing-median-s",
@@ -203,6 +228,70 @@ def _bind(host: str, port: int) -> socket.socket:
     help="Delay of a slow call, in seconds.",
 )
 @click.option(
+    "--webhook-url",
+    "webhook_urls",
+    multiple=True,
+    envvar="EMULATOR_WEBHOOK_URLS",
+    help="POST every conversion event (CONVERSION_STARTED, _COMPLETED, _FAILED) here "
+    "(repeatable; EMULATOR_WEBHOOK_URLS takes a whitespace-separated list).",
+)
+@click.option(
+    "--webhook-event",
+    "webhook_events",
+    multiple=True,
+    type=click.Choice(list(WEBHOOK_EVENTS)),
+    envvar="EMULATOR_WEBHOOK_EVENTS",
+    help="Send only these events (repeatable) [default: all three].",
+)
+@click.option(
+    "--webhook-drop-rate",
+    type=click.FloatRange(0, 1),
+    default=_DEFAULTS.webhook_drop_rate,
+    show_default=True,
+    envvar="EMULATOR_WEBHOOK_DROP_RATE",
+    help="Share of events never delivered (per URL).",
+)
+@click.option(
+    "--webhook-duplicate-rate",
+    type=click.FloatRange(0, 1),
+    default=_DEFAULTS.webhook_duplicate_rate,
+    show_default=True,
+    envvar="EMULATOR_WEBHOOK_DUPLICATE_RATE",
+    help="Share of events delivered twice (per URL).",
+)
+@click.option(
+    "--webhook-delay-s",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS.webhook_delay_s,
+    show_default=True,
+    envvar="EMULATOR_WEBHOOK_DELAY_S",
+    help="Seconds from an event to its first delivery attempt.",
+)
+@click.option(
+    "--webhook-max-attempts",
+    type=click.IntRange(1, 20),
+    default=_DEFAULTS.webhook_max_attempts,
+    show_default=True,
+    envvar="EMULATOR_WEBHOOK_MAX_ATTEMPTS",
+    help="Attempts per delivery; a non-2xx answer, timeout or refused connection retries.",
+)
+@click.option(
+    "--webhook-retry-delay-s",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS.webhook_retry_delay_s,
+    show_default=True,
+    envvar="EMULATOR_WEBHOOK_RETRY_DELAY_S",
+    help="Wait before the first retry of a delivery; doubles each retry.",
+)
+@click.option(
+    "--webhook-timeout-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_DEFAULTS.webhook_timeout_s,
+    show_default=True,
+    envvar="EMULATOR_WEBHOOK_TIMEOUT_S",
+    help="Seconds a webhook receiver may take to answer (DocuTray allows 30).",
+)
+@click.option(
     "--seed",
     type=int,
     default=_DEFAULTS.seed,
@@ -246,8 +335,11 @@ def emulator_command(
     max_upload_bytes: int,
     url_download_timeout_s: float,
     rate_limit_per_minute: int,
+    rate_limit_per_hour: int,
+    rate_limit_per_day: int,
     rate_limit_scope: str,
     rate_limit_algorithm: str,
+    monthly_quota: int | None,
     processing_median_s: float,
     processing_sigma: float,
     medians_by_type: dict[str, float],
@@ -257,6 +349,14 @@ def emulator_command(
     fault_500_rate: float,
     slow_response_rate: float,
     slow_response_s: float,
+    webhook_urls: tuple[str, ...],
+    webhook_events: tuple[str, ...],
+    webhook_drop_rate: float,
+    webhook_duplicate_rate: float,
+    webhook_delay_s: float,
+    webhook_max_attempts: int,
+    webhook_retry_delay_s: float,
+    webhook_timeout_s: float,
     seed: int,
     finished_ttl_s: float,
     public_base_url: str | None,
@@ -266,7 +366,10 @@ def emulator_command(
     """Run the local DocuTray API emulator (same paths, bodies and errors as the real API).
 
     Emulator-only routes for tests live under /_emulator/ (stats, config, forget,
-    reset-stats) and need no API key.
+    reset-stats) and need no API key. POST /_emulator/config changes at run time:
+    the fault rates, rate_limit_per_minute/_per_hour/_per_day, monthly_quota (null
+    switches a limit or the quota off), the processing medians and every webhook_*
+    knob. Webhook faults (drop, duplicate) are seeded like every other draw.
     """
     _configure_logging(log_level, api_keys)
     try:
@@ -276,6 +379,9 @@ def emulator_command(
                 "max_upload_bytes": max_upload_bytes,
                 "url_download_timeout_s": url_download_timeout_s,
                 "rate_limit_per_minute": rate_limit_per_minute or None,
+                "rate_limit_per_hour": rate_limit_per_hour or None,
+                "rate_limit_per_day": rate_limit_per_day or None,
+                "monthly_quota": monthly_quota,
                 "rate_limit_scope": rate_limit_scope,
                 "rate_limit_algorithm": rate_limit_algorithm,
                 "processing_median_s": processing_median_s,
@@ -287,6 +393,14 @@ def emulator_command(
                 "fault_500_rate": fault_500_rate,
                 "slow_response_rate": slow_response_rate,
                 "slow_response_s": slow_response_s,
+                "webhook_urls": list(webhook_urls),
+                "webhook_events": list(webhook_events) or list(WEBHOOK_EVENTS),
+                "webhook_drop_rate": webhook_drop_rate,
+                "webhook_duplicate_rate": webhook_duplicate_rate,
+                "webhook_delay_s": webhook_delay_s,
+                "webhook_max_attempts": webhook_max_attempts,
+                "webhook_retry_delay_s": webhook_retry_delay_s,
+                "webhook_timeout_s": webhook_timeout_s,
                 "seed": seed,
                 "finished_ttl_s": finished_ttl_s,
                 "public_base_url": public_base_url,

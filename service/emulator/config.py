@@ -2,15 +2,16 @@
 
 `EmulatorConfig` is what `create_app` takes; the CLI builds it from options and
 environment variables. `KnobsPatch` is the subset that `POST /_emulator/config`
-may change at runtime (chaos tests): fault rates, the rate limit and the
-processing-time medians. Everything else is fixed for the life of the process.
+may change at runtime (chaos tests): fault rates, the rate limits (minute,
+hour, day), the monthly quota, the processing-time medians and every webhook
+knob. Everything else is fixed for the life of the process.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 MIB = 1024 * 1024
 
@@ -18,8 +19,16 @@ RateLimitScope = Literal["all", "submit"]
 """Which calls spend the per-minute budget: every API call, or only submissions."""
 
 RateLimitAlgorithm = Literal["sliding", "fixed"]
-"""`sliding`: at most N calls in ANY 60 s span (a log of call times per key).
-`fixed`: at most N calls per wall-clock minute (windows aligned to :00)."""
+"""`sliding`: at most N calls in ANY span of the window (60 s, 1 h, 24 h; a log of
+call times per key). `fixed`: at most N calls per wall-clock window (aligned to
+:00 for minutes and hours, to midnight UTC for days)."""
+
+WebhookEvent = Literal["CONVERSION_STARTED", "CONVERSION_COMPLETED", "CONVERSION_FAILED"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = (
+    "CONVERSION_STARTED",
+    "CONVERSION_COMPLETED",
+    "CONVERSION_FAILED",
+)
 
 
 class EmulatorConfig(BaseModel):
@@ -40,8 +49,49 @@ class EmulatorConfig(BaseModel):
     rate_limit_per_minute: int | None = Field(
         default=None, gt=0, description="Calls per API key per minute; None disables the limit."
     )
+    rate_limit_per_hour: int | None = Field(
+        default=None, gt=0, description="Calls per API key per hour; None disables the limit."
+    )
+    rate_limit_per_day: int | None = Field(
+        default=None, gt=0, description="Calls per API key per day; None disables the limit."
+    )
     rate_limit_scope: RateLimitScope = "all"
     rate_limit_algorithm: RateLimitAlgorithm = "sliding"
+    monthly_quota: int | None = Field(
+        default=None,
+        ge=0,
+        description="Conversions accepted per API key per calendar month (UTC) before "
+        "submissions get 402; None means no quota.",
+    )
+    webhook_urls: list[str] = Field(
+        default_factory=list,
+        description="Where every conversion event is POSTed (DocuTray: one endpoint per "
+        "organisation; here any number).",
+    )
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS),
+        description="Which events are sent.",
+    )
+    webhook_drop_rate: float = Field(
+        default=0.0, ge=0, le=1, description="Share of events never delivered (lost webhooks)."
+    )
+    webhook_duplicate_rate: float = Field(
+        default=0.0, ge=0, le=1, description="Share of events delivered twice."
+    )
+    webhook_delay_s: float = Field(
+        default=0.0, ge=0, description="Seconds between an event and its first delivery."
+    )
+    webhook_max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Attempts per delivery (a non-2xx answer retries)."
+    )
+    webhook_retry_delay_s: float = Field(
+        default=1.0, ge=0, description="Wait before the first retry; doubles each retry."
+    )
+    webhook_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a receiver may take to answer (DocuTray: 30 s).",
+    )
     processing_median_s: float = Field(
         default=2.0, gt=0, description="Median of the log-normal processing time."
     )
@@ -100,6 +150,11 @@ class EmulatorConfig(BaseModel):
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else None
 
+    @field_validator("webhook_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        return _check_webhook_urls(value)
+
     def median_for(self, document_type_code: str) -> float:
         """Median processing time for a document type (its override, else the default)."""
         return self.processing_median_s_by_type.get(document_type_code, self.processing_median_s)
@@ -119,7 +174,8 @@ class EmulatorConfig(BaseModel):
 class KnobsPatch(BaseModel):
     """Body of `POST /_emulator/config`: only the fields sent are changed.
 
-    `rate_limit_per_minute: null` switches the limit off.
+    `null` switches a rate limit (`rate_limit_per_minute`, `_per_hour`,
+    `_per_day`) or the `monthly_quota` off; `webhook_urls: []` stops webhooks.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -129,10 +185,21 @@ class KnobsPatch(BaseModel):
     slow_response_rate: float | None = Field(default=None, ge=0, le=1)
     slow_response_s: float | None = Field(default=None, ge=0)
     rate_limit_per_minute: int | None = Field(default=None, gt=0)
+    rate_limit_per_hour: int | None = Field(default=None, gt=0)
+    rate_limit_per_day: int | None = Field(default=None, gt=0)
+    monthly_quota: int | None = Field(default=None, ge=0)
     rate_limit_scope: RateLimitScope | None = None
     processing_median_s: float | None = Field(default=None, gt=0)
     processing_sigma: float | None = Field(default=None, ge=0)
     processing_median_s_by_type: dict[str, float] | None = None
+    webhook_urls: list[str] | None = None
+    webhook_events: list[WebhookEvent] | None = None
+    webhook_drop_rate: float | None = Field(default=None, ge=0, le=1)
+    webhook_duplicate_rate: float | None = Field(default=None, ge=0, le=1)
+    webhook_delay_s: float | None = Field(default=None, ge=0)
+    webhook_max_attempts: int | None = Field(default=None, ge=1, le=20)
+    webhook_retry_delay_s: float | None = Field(default=None, ge=0)
+    webhook_timeout_s: float | None = Field(default=None, gt=0)
 
     @field_validator(
         "error_rate",
@@ -143,10 +210,35 @@ class KnobsPatch(BaseModel):
         "processing_median_s",
         "processing_sigma",
         "processing_median_s_by_type",
+        "webhook_urls",
+        "webhook_events",
+        "webhook_drop_rate",
+        "webhook_duplicate_rate",
+        "webhook_delay_s",
+        "webhook_max_attempts",
+        "webhook_retry_delay_s",
+        "webhook_timeout_s",
     )
     @classmethod
     def _not_null(cls, value: object) -> object:
-        # Only rate_limit_per_minute has a meaningful null (limit off).
+        # Only the rate limits and the quota have a meaningful null (off).
         if value is None:
             raise ValueError("may not be null")
         return value
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _check_webhook_urls(value)
+
+
+def _check_webhook_urls(urls: list[str]) -> list[str]:
+    """Every URL must be absolute http(s); returned as given (order kept, duplicates dropped)."""
+    seen: list[str] = []
+    for url in urls:
+        parsed = AnyHttpUrl(url)
+        if not parsed.host:
+            raise ValueError(f"webhook URL without a host: {url!r}")
+        if url not in seen:
+            seen.append(url)
+    return seen

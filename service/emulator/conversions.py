@@ -162,7 +162,14 @@ class Conversion:
 
     def status_body(self, now_s: float) -> dict[str, Any]:
         """The JSON body of `GET /api/convert-async/status/{id}` at `now_s`."""
-        state = self.state_at(now_s)
+        return self.body_in(self.state_at(now_s))
+
+    def final_body(self) -> dict[str, Any]:
+        """The status body once finished (what the completed/failed webhook carries)."""
+        return self.body_in(self.plan.outcome)
+
+    def body_in(self, state: ConversionState) -> dict[str, Any]:
+        """The status body of this conversion in `state`."""
         body: dict[str, Any] = {
             "conversion_id": self.conversion_id,
             "status": state,

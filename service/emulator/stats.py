@@ -51,6 +51,18 @@ class EmulatorStats:
     counted_call_times_s: deque[float] = field(
         default_factory=lambda: deque(maxlen=MAX_CALL_TIMESTAMPS)
     )
+    usage_calls: int = 0
+    quota_exceeded: int = 0
+    rate_limited_by_window: Counter[str] = field(default_factory=Counter)
+    webhook_events: Counter[str] = field(default_factory=Counter)
+    webhook_attempts: int = 0
+    webhook_answers: Counter[str] = field(default_factory=Counter)
+    webhooks_delivered: int = 0
+    webhooks_dropped: int = 0
+    webhooks_duplicated: int = 0
+    webhook_retries: int = 0
+    webhooks_failed: int = 0
+    webhooks_skipped_forgotten: int = 0
 
     def record_counted_call(self, monotonic_s: float) -> None:
         """A call that passed the limiter and spends budget under the configured scope."""
@@ -90,6 +102,20 @@ class EmulatorStats:
             "conversions_by_request_id": dict(self.conversions_by_request_id),
             "counted_calls_total": self.counted_calls_total,
             "max_calls_per_60s": max_calls_in_window(times),
+            "usage_calls": self.usage_calls,
+            "quota_exceeded": self.quota_exceeded,
+            "rate_limited_by_window": dict(sorted(self.rate_limited_by_window.items())),
+            "webhooks": {
+                "events": dict(sorted(self.webhook_events.items())),
+                "attempts": self.webhook_attempts,
+                "answers": dict(sorted(self.webhook_answers.items())),
+                "delivered": self.webhooks_delivered,
+                "dropped": self.webhooks_dropped,
+                "duplicated": self.webhooks_duplicated,
+                "retries": self.webhook_retries,
+                "failed": self.webhooks_failed,
+                "skipped_forgotten": self.webhooks_skipped_forgotten,
+            },
         }
         if include_timestamps:
             body["counted_call_times_s"] = times
