@@ -1278,3 +1278,45 @@ async def test_an_upload_size_mismatch_is_still_the_callers_error() -> None:
                 document_type_code="invoice",
                 size_bytes=len(PDF) + 1,
             )
+
+
+async def test_e2e_quota_hour_window_and_usage_on_the_emulator(emulator_factory: Any) -> None:
+    from tests.fixtures.emulator import PDF_BYTES
+
+    emu = emulator_factory(
+        monthly_quota=1, rate_limit_per_hour=3, rate_limit_scope="submit", processing_median_s=0.05
+    )
+    async with DocuTrayClient(base_url=emu.base_url, api_key=emu.api_key) as client:
+        submission = await client.submit_upload(
+            file=PDF_BYTES, filename="a.pdf", document_type_code="invoice"
+        )
+        with pytest.raises(QuotaExhausted) as spent:
+            await client.submit_upload(
+                file=PDF_BYTES, filename="a.pdf", document_type_code="invoice"
+            )
+        now = datetime.now(tz=UTC)
+        next_month = datetime(now.year + now.month // 12, now.month % 12 + 1, 1, tzinfo=UTC)
+        assert (spent.value.quota, spent.value.used, spent.value.reset_at) == (1, 1, next_month)
+        assert spent.value.endpoint == "submit"
+        await wait_terminal(client, submission.conversion_id)  # status calls go on
+        usage = await client.get_usage()
+        assert (usage.year, usage.month, usage.successful_conversions) == (now.year, now.month, 1)
+        assert 1 <= usage.successful_pages <= 3
+        assert (await client.get_usage(year=2020, month=1)).successful_conversions == 0
+        emu.configure(monthly_quota=None)
+        await client.submit_upload(file=PDF_BYTES, filename="a.pdf", document_type_code="invoice")
+        with pytest.raises(RateLimited) as limited:
+            await client.submit_upload(
+                file=PDF_BYTES, filename="a.pdf", document_type_code="invoice"
+            )
+    error = limited.value
+    assert (error.limit_type, error.long_window, error.limit, error.remaining) == (
+        "hour",
+        True,
+        3,
+        0,
+    )
+    assert error.reset_at is not None
+    assert 3500 <= (error.reset_at - now).total_seconds() <= 3610
+    assert error.retry_after_s is not None
+    assert error.retry_after_s > 3500

@@ -11,6 +11,8 @@ loudly.
 from __future__ import annotations
 
 import base64
+import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -339,6 +341,78 @@ def test_injected_500s_are_internal_server_errors_and_the_sdk_retries_posts(
     assert stats["faults_injected"] == 5
     assert stats["submissions_rejected"]["500"] == 4
     assert stats["submissions_accepted"] == 1  # an injected 500 never creates a conversion
+
+
+# --- the plan: quota, hour/day windows, usage (issue 14) --------------------------------------
+
+
+def test_402_is_a_generic_api_error_that_the_sdk_does_not_retry(
+    emulator_factory: EmulatorStarter,
+) -> None:
+    spent = emulator_factory(monthly_quota=0)
+    # SDK: 402 has no class of its own and is not in its retryable set (default 2 retries).
+    with Client(api_key=spent.api_key, base_url=spent.base_url) as retrying:
+        with pytest.raises(APIError) as caught:
+            retrying.convert.run_async(file=PDF_BYTES, document_type_code="invoice")
+        exc = caught.value
+        assert type(exc) is APIError
+        assert exc.status_code == 402
+        assert exc.request_id
+        assert isinstance(exc.body, dict)
+        assert set(exc.body) == {"error", "quota", "used", "resetDate"}
+        assert (exc.body["quota"], exc.body["used"]) == (0, 0)
+        # SDK: a string `error` is not taken as the message; the raw body text is.
+        assert '"resetDate"' in exc.message
+        # Status calls of earlier conversions are not blocked (none exist here: 404, not 402).
+        with pytest.raises(NotFoundError):
+            retrying.convert.get_status("cm_unknown")
+    assert spent.stats()["submissions_rejected"] == {"402": 1}
+
+
+@pytest.mark.parametrize(("window", "window_s"), [("hour", 3600), ("day", 86400)])
+def test_hour_and_day_429s_are_rate_limit_errors_naming_the_window(
+    emulator_factory: EmulatorStarter, window: str, window_s: int
+) -> None:
+    limited = emulator_factory(**{f"rate_limit_per_{window}": 1}, rate_limit_scope="submit")
+    with Client(api_key=limited.api_key, base_url=limited.base_url, max_retries=0) as client:
+        client.convert.run_async(file=PDF_BYTES, document_type_code="invoice")
+        before_s = time.time()
+        with pytest.raises(RateLimitError) as caught:
+            client.convert.run_async(file=PDF_BYTES, document_type_code="invoice")
+    exc = caught.value
+    assert exc.limit_type == window
+    assert (exc.limit, exc.remaining) == (1, 0)
+    assert exc.reset_time is not None
+    assert abs(exc.reset_time - (before_s + window_s)) <= 3
+    assert exc.retry_after is not None
+    assert window_s - 5 <= exc.retry_after <= window_s
+
+
+@pytest.mark.parametrize(("window", "window_s"), [("hour", 3600), ("day", 86400)])
+def test_the_sdk_would_sleep_through_a_whole_hour_or_day_window(
+    emulator_factory: EmulatorStarter, monkeypatch: pytest.MonkeyPatch, window: str, window_s: int
+) -> None:
+    """SDK: it honours Retry-After with no cap, so a retrying client blocks for the window."""
+    slept: list[float] = []
+    fake_time = types.SimpleNamespace(
+        **{name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    )
+    fake_time.sleep = slept.append
+    monkeypatch.setattr(docutray._http, "time", fake_time)
+    limited = emulator_factory(**{f"rate_limit_per_{window}": 1}, rate_limit_scope="submit")
+    with Client(api_key=limited.api_key, base_url=limited.base_url) as retrying:
+        retrying.convert.run_async(file=PDF_BYTES, document_type_code="invoice")
+        with pytest.raises(RateLimitError):
+            retrying.convert.run_async(file=PDF_BYTES, document_type_code="invoice")
+    assert len(slept) == 2  # two retries, each after the full Retry-After
+    assert all(window_s - 10 <= s <= window_s for s in slept), slept
+    assert limited.stats()["rate_limited_by_window"] == {window: 3}
+
+
+def test_the_sdk_has_no_usage_call(client: Client) -> None:
+    """SDK 0.2.1: GET /api/usage is not wrapped; a bridge calls it over plain HTTP."""
+    assert not [name for name in dir(client) if "usage" in name.lower()]
+    assert not [name for name in dir(docutray) if "usage" in name.lower()]
 
 
 # --- document types ------------------------------------------------------------------------
