@@ -1,6 +1,6 @@
 """A local stand-in for DocuTray's asynchronous conversion API.
 
-Follows the contract in docs (same paths, request forms, statuses and error
+Follows the contract in docs/docutray-api.md (same paths, request forms, statuses and error
 bodies) so the bridge, its tests, the demo and the benchmarks can run with
 no network; plus emulator-only `/_emulator/*` routes for tests. Run it with
 `docutray-bridge emulator` or `python -m service.emulator`.
