@@ -239,6 +239,82 @@ def test_sasl_scram_listener_accepts_the_stack_user_and_rejects_a_bad_password(
     wait_for(authentication_failed, 15.0, message="SASL authentication error for a bad password")
 
 
+def _sasl_ssl_config(stack_env: dict[str, str]) -> dict[str, str | int | float | bool]:
+    if "STACK_KAFKA_SASL_BOOTSTRAP" not in stack_env:
+        pytest.skip("Kafka is external (KAFKA_BOOTSTRAP_SERVERS) and has no stack SASL listener")
+    assert "STACK_KAFKA_SSL_BOOTSTRAP" in stack_env, (
+        "the stack has no SASL_SSL listener: it was started by an older scripts/stack; "
+        "`scripts/stack restart kafka` adds it"
+    )
+    return {
+        "bootstrap.servers": stack_env["STACK_KAFKA_SSL_BOOTSTRAP"],
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": stack_env["STACK_KAFKA_SASL_MECHANISM"],
+        "sasl.username": stack_env["STACK_KAFKA_SASL_USERNAME"],
+        "sasl.password": stack_env["STACK_KAFKA_SASL_PASSWORD"],
+        "ssl.ca.location": stack_env["STACK_KAFKA_CA_LOCATION"],
+    }
+
+
+def _fails_with(
+    conf: dict[str, str | int | float | bool], codes: set[int], what: str, text: str = ""
+) -> None:
+    errors: list[KafkaError] = []
+    client = Producer({**conf, "log_level": 0, "error_cb": errors.append})
+
+    def failed() -> bool:
+        client.poll(0.1)
+        return any(e.code() in codes and text in e.str() for e in errors)
+
+    wait_for(failed, 15.0, message=what)
+
+
+def test_sasl_ssl_listener_verifies_with_the_stack_ca_file_or_pem_text(
+    stack_env: dict[str, str], make_topic: MAKE_TOPIC, unique_id: UNIQUE_ID
+) -> None:
+    tls = _sasl_ssl_config(stack_env)
+    ca_file = Path(str(tls["ssl.ca.location"]))
+    assert ca_file.read_text().startswith("-----BEGIN CERTIFICATE-----")
+    topic = make_topic("tls", partitions=1)
+
+    # CA as a file: a transactional producer and a read_committed reader, all over TLS.
+    producer = Producer({**tls, "transactional.id": unique_id("tls-tx")})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    producer.produce(topic, key=b"k", value=b"over-tls")
+    producer.commit_transaction(30)
+    records = consume_all(str(tls["bootstrap.servers"]), topic, config=tls)
+    assert [r.value for r in records] == [b"over-tls"]
+
+    # CA as PEM text (what a Secret gives as an environment variable): no file at all.
+    pem = {k: v for k, v in tls.items() if k != "ssl.ca.location"}
+    pem["ssl.ca.pem"] = ca_file.read_text()
+    metadata = AdminClient(pem).list_topics(timeout=10)
+    assert topic in metadata.topics
+    ssl_ports = {b.split(":")[1] for b in str(tls["bootstrap.servers"]).split(",")}
+    assert {str(b.port) for b in metadata.brokers.values()} == ssl_ports  # advertised: SSL
+
+    # Another CA (the system's bundle) does not vouch for the stack's broker.
+    _fails_with(
+        {**tls, "ssl.ca.location": "/etc/ssl/certs/ca-certificates.crt"},
+        {KafkaError._SSL},
+        "TLS handshake failure with a CA that did not sign the broker's certificate",
+        text="certificate verify failed",
+    )
+    # Plaintext bytes to the TLS port are not a Kafka connection either.
+    plain = {k: v for k, v in pem.items() if not k.startswith("ssl.")}
+    _fails_with(
+        {**plain, "security.protocol": "SASL_PLAINTEXT"},
+        {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN},
+        "a SASL_PLAINTEXT client refused by the SASL_SSL listener",
+    )
+    _fails_with(
+        {**tls, "sasl.password": "wrong-password"},
+        {KafkaError._AUTHENTICATION},
+        "SASL authentication error over TLS for a bad password",
+    )
+
+
 # --------------------------------------------------------------------------- Redis
 
 INCR_BY_SCRIPT = """
@@ -313,26 +389,99 @@ def test_cluster_id_is_22_chars_of_base64url_for_16_bytes(stack_module: ModuleTy
         assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
 
 
+def _properties(stack_module: ModuleType, tmp_path: Path, **kwargs: Any) -> dict[str, str]:
+    text = stack_module.render_server_properties(
+        port=1,
+        controller_port=2,
+        sasl_port=3,
+        ssl_port=4,
+        data_dir=tmp_path,
+        keystore=tmp_path / "broker.p12",
+        keystore_password="secret",
+        **kwargs,
+    )
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+INTERNAL_TOPIC_SETTINGS = (
+    "offsets.topic.replication.factor",
+    "transaction.state.log.replication.factor",
+    "transaction.state.log.min.isr",
+    "share.coordinator.state.topic.replication.factor",
+    "share.coordinator.state.topic.min.isr",
+)
+
+
 def test_server_properties_make_transactions_work_on_one_node(
     stack_module: ModuleType, tmp_path: Path
 ) -> None:
-    text = stack_module.render_server_properties(
-        port=1, controller_port=2, sasl_port=3, data_dir=tmp_path
-    )
-    settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    for key in (
-        "offsets.topic.replication.factor",
-        "transaction.state.log.replication.factor",
-        "transaction.state.log.min.isr",
-        "share.coordinator.state.topic.replication.factor",
-        "share.coordinator.state.topic.min.isr",
-    ):
+    settings = _properties(stack_module, tmp_path)
+    for key in INTERNAL_TOPIC_SETTINGS:
         assert settings[key] == "1", key
     assert settings["auto.create.topics.enable"] == "false"
     assert settings["group.initial.rebalance.delay.ms"] == "0"
     assert not [key for key in settings if "max.bytes" in key]  # Kafka's default limits
     assert settings["controller.quorum.bootstrap.servers"] == "127.0.0.1:2"
     assert "SASL_PLAINTEXT://127.0.0.1:3" in settings["listeners"]
+    assert "SASL_SSL://127.0.0.1:4" in settings["advertised.listeners"]
+    assert settings["listener.name.sasl_ssl.ssl.keystore.location"] == str(tmp_path / "broker.p12")
+    assert settings["listener.name.sasl_ssl.sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+
+
+def test_server_properties_of_a_cluster_node_replicate_three_ways(
+    stack_module: ModuleType, tmp_path: Path
+) -> None:
+    voters = "1@127.0.0.1:2,2@127.0.0.1:12,3@127.0.0.1:22"
+    settings = _properties(stack_module, tmp_path, node_id=2, voters=voters)
+    assert settings["node.id"] == "2"
+    assert settings["controller.quorum.voters"] == voters
+    assert "controller.quorum.bootstrap.servers" not in settings
+    replication = [k for k in INTERNAL_TOPIC_SETTINGS if k.endswith("replication.factor")]
+    for key in [*replication, "default.replication.factor"]:
+        assert settings[key] == "3", key
+    for key in [k for k in INTERNAL_TOPIC_SETTINGS if k.endswith("min.isr")]:
+        assert settings[key] == "2", key
+    assert settings["min.insync.replicas"] == "2"
+    assert not [key for key in settings if "max.bytes" in key]
+
+
+def test_cluster_ports_are_one_per_node_or_stepped_from_one(
+    stack_module: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("STACK_KAFKA_PORT", "30000")
+    assert stack_module.env_ports("STACK_KAFKA_PORT", 3) == [30000, 30010, 30020]
+    monkeypatch.setenv("STACK_KAFKA_PORT", "30000,31000,32000")
+    assert stack_module.env_ports("STACK_KAFKA_PORT", 3) == [30000, 31000, 32000]
+    with pytest.raises(stack_module.StackError, match="one port per node"):
+        stack_module.env_ports("STACK_KAFKA_PORT", 2)
+    for name in ("STACK_KAFKA_PORT", "STACK_KAFKA_CONTROLLER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("STACK_KAFKA_SASL_PORT", "STACK_KAFKA_SSL_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    plan = stack_module.KafkaCluster(tmp_path, 3).plan()
+    assert [node["port"] for node in plan] == [19092, 19102, 19112]
+    assert [node["ssl_port"] for node in plan] == [19095, 19105, 19115]
+    assert len({node["cluster_id"] for node in plan}) == 1
+
+    # A stack set up with one broker is not silently turned into a cluster.
+    (tmp_path / "kafka").mkdir()
+    (tmp_path / "kafka" / "stack.json").write_text("{}")
+    with pytest.raises(stack_module.StackError, match=r"set up with 1 broker.*--fresh"):
+        stack_module.kafka_cluster(tmp_path, 3)
+
+
+def test_a_stack_on_other_ports_gets_a_free_ssl_port_not_the_default(
+    stack_module: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("STACK_KAFKA_SSL_PORT", raising=False)
+    for name, port in (
+        ("STACK_KAFKA_PORT", "30001"),
+        ("STACK_KAFKA_CONTROLLER_PORT", "30002"),
+        ("STACK_KAFKA_SASL_PORT", "30003"),
+    ):
+        monkeypatch.setenv(name, port)
+    [node] = stack_module.KafkaCluster(tmp_path, 1).plan()
+    assert node["ssl_port"] not in (19095, 30001, 30002, 30003)
 
 
 def test_a_port_override_conflicting_with_the_set_up_stack_is_refused(
@@ -359,13 +508,14 @@ def _free_ports(count: int) -> list[int]:
 @pytest.fixture
 def isolated_stack(tmp_path: Path) -> Iterator[dict[str, str]]:
     """Environment for a second, independent stack in tmp_path on free ports; torn down after."""
-    kafka, controller, sasl, redis_port = _free_ports(4)
+    kafka, controller, sasl, ssl, redis_port = _free_ports(5)
     env = {
         **os.environ,
         "STACK_DIR": str(tmp_path / "stack"),
         "STACK_KAFKA_PORT": str(kafka),
         "STACK_KAFKA_CONTROLLER_PORT": str(controller),
         "STACK_KAFKA_SASL_PORT": str(sasl),
+        "STACK_KAFKA_SSL_PORT": str(ssl),
         "STACK_REDIS_PORT": str(redis_port),
     }
     yield env
@@ -410,6 +560,9 @@ def test_isolated_stack_up_is_idempotent_restart_keeps_data_and_down_leaves_noth
 
     settings = parse_env_file(Path(env["STACK_DIR"]) / "env")
     assert settings["KAFKA_BOOTSTRAP_SERVERS"] == f"127.0.0.1:{env['STACK_KAFKA_PORT']}"
+    assert settings["STACK_KAFKA_SSL_BOOTSTRAP"] == f"127.0.0.1:{env['STACK_KAFKA_SSL_PORT']}"
+    assert settings["STACK_KAFKA_CA_LOCATION"] == f"{env['STACK_DIR']}/tls/ca.pem"
+    assert settings["STACK_KAFKA_BROKERS"] == "1"
     assert settings["REDIS_URL"] == f"redis://127.0.0.1:{env['STACK_REDIS_PORT']}/0"
     assert oct(os.stat(Path(env["STACK_DIR"]) / "env").st_mode & 0o777) == "0o600"
 
@@ -440,6 +593,89 @@ def test_isolated_stack_up_is_idempotent_restart_keeps_data_and_down_leaves_noth
     for port in ("STACK_KAFKA_PORT", "STACK_REDIS_PORT"):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", int(env[port])), 1).close()
+
+
+@pytest.fixture
+def isolated_cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for a three-broker stack in tmp_path on free ports; torn down after."""
+    ports = _free_ports(13)
+    env = {**os.environ, "STACK_DIR": str(tmp_path / "cluster")}
+    names = ("PORT", "CONTROLLER_PORT", "SASL_PORT", "SSL_PORT")
+    for i, name in enumerate(names):
+        env[f"STACK_KAFKA_{name}"] = ",".join(str(p) for p in ports[3 * i : 3 * i + 3])
+    env["STACK_REDIS_PORT"] = str(ports[12])
+    yield env
+    stack_ctl("down", "--wipe", env=env, check=False)
+
+
+def _broker_ids(bootstrap: str) -> set[int]:
+    return set(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).brokers)
+
+
+def test_three_broker_cluster_survives_one_node_down_and_takes_it_back(
+    isolated_cluster: dict[str, str], unique_id: UNIQUE_ID
+) -> None:
+    env = isolated_cluster
+    started = time.monotonic()
+    stack_ctl("up", "--brokers", "3", env=env)
+    print(f"three-broker cluster: cold up {time.monotonic() - started:.1f} s")
+
+    code, status = _status(env)
+    assert code == 0
+    assert sorted(status) == ["kafka-1", "kafka-2", "kafka-3", "redis"]
+    assert [status[f"kafka-{n}"]["extra"]["node"] for n in (1, 2, 3)] == ["1", "2", "3"]
+    settings = parse_env_file(Path(env["STACK_DIR"]) / "env")
+    plain_ports = env["STACK_KAFKA_PORT"].split(",")
+    bootstrap = settings["KAFKA_BOOTSTRAP_SERVERS"]
+    assert bootstrap == ",".join(f"127.0.0.1:{p}" for p in plain_ports)
+    assert len(settings["STACK_KAFKA_SSL_BOOTSTRAP"].split(",")) == 3
+    assert settings["STACK_KAFKA_BROKERS"] == "3"
+    assert _broker_ids(bootstrap) == {1, 2, 3}
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    broker = ConfigResource(ResourceType.BROKER, "1")
+    config = {k: v.value for k, v in admin.describe_configs([broker])[broker].result(30).items()}
+    assert config["offsets.topic.replication.factor"] == "3"
+    assert config["transaction.state.log.replication.factor"] == "3"
+    assert config["transaction.state.log.min.isr"] == "2"
+    assert config["min.insync.replicas"] == "2"
+
+    topic = "replicated"
+    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=3)])[topic].result(30)
+
+    def committed_with(value: bytes) -> None:
+        producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": unique_id()})
+        producer.init_transactions(60)
+        producer.begin_transaction()
+        for partition in range(3):
+            producer.produce(topic, value=value, partition=partition)
+        producer.commit_transaction(60)
+
+    committed_with(b"all-up")
+
+    # One node down (the whole of it: broker and voter): the other two carry on.
+    stack_ctl("stop", "kafka-2", env=env)
+    code, status = _status(env)
+    assert code == 3
+    assert not status["kafka-2"]["running"]
+    assert status["kafka-1"]["running"]
+    assert status["kafka-3"]["running"]
+    wait_for(lambda: _broker_ids(bootstrap) == {1, 3}, 30.0, message="metadata without node 2")
+    committed_with(b"one-down")  # min ISR 2 of 3: still writable, transactions included
+
+    started = time.monotonic()
+    stack_ctl("start", "kafka-2", env=env)
+    print(f"three-broker cluster: kafka-2 back in {time.monotonic() - started:.1f} s")
+    assert _status(env)[0] == 0
+    assert _broker_ids(bootstrap) == {1, 2, 3}
+    values = sorted(r.value or b"" for r in consume_all(bootstrap, topic))
+    assert values == [b"all-up"] * 3 + [b"one-down"] * 3
+
+    # `up` on the running cluster reuses it; asking for another size is refused in one line.
+    assert "already running" in stack_ctl("up", env=env).stderr
+    refused = stack_ctl("up", "--brokers", "1", env=env, check=False)
+    assert refused.returncode == 1
+    assert "set up with 3 broker(s), not 1" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_up_fails_with_one_line_reason_when_a_port_is_taken(
