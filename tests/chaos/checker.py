@@ -152,6 +152,8 @@ class ScenarioReport:
     duration_s: float
     faults: list[str] = field(default_factory=list)
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+    #: Figures a scenario measured (e.g. recovery seconds per kill, their p50/p95).
+    measures: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(

@@ -21,6 +21,9 @@ sampled per process incarnation, so counters of killed processes are not forgott
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -29,9 +32,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+from confluent_kafka import KafkaError, Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.tools import Outcome
+from service.tools import Outcome, read_outcomes
 from tests.chaos.checker import (
     GOOD,
     Expectation,
@@ -41,7 +45,7 @@ from tests.chaos.checker import (
     emulator_resubmissions,
     format_table,
 )
-from tests.fixtures.bridge import BridgeProcess, Rig
+from tests.fixtures.bridge import BridgeProcess, Rig, pdf_request
 from tests.fixtures.emulator import RunningEmulator
 from tests.fixtures.stack import consume_all, stack_dir
 
@@ -121,6 +125,8 @@ class Scenario:
     _procs: dict[str, BridgeProcess] = field(default_factory=dict)
     _liveness_failures: dict[str, int] = field(default_factory=dict)
     _last_probe: float = 0.0
+    #: Figures the scenario measured; written into its report row (``measures``).
+    measures: dict[str, Any] = field(default_factory=dict)
 
     # ---- bookkeeping ----
 
@@ -192,6 +198,15 @@ class Scenario:
         proc.start()
         self._want_running[proc.name] = True
         self.note(f"restart {proc.name} (pid {self._pid(proc)})")
+
+    def unsupervise(self, proc: BridgeProcess) -> None:
+        """Leave `proc` alone from now on: if it exits, it is not restarted (nor counted)."""
+        self._want_running[proc.name] = False
+
+    def measure(self, key: str, value: Any) -> None:
+        """Record a figure for the report row (``measures``) and note it."""
+        self.measures[key] = value
+        self.note(f"MEASURE {key} = {value}")
 
     def alive(self) -> list[BridgeProcess]:
         """Replicas running now."""
@@ -403,6 +418,7 @@ class Scenario:
             duration_s=time.monotonic() - self.started,
             faults=self.faults,
         )
+        report.measures = dict(self.measures)
         self.note("checked")
         print(f"\n== chaos scenario {self.name}\n" + "\n".join(self.timeline))
         print(format_table([report]))
@@ -444,3 +460,137 @@ class Scenario:
 
 class _Exited(AssertionError):
     """A replica exited while the scenario waited for it."""
+
+
+# ---- steady load, outcome timing and partition ownership (recovery scenarios) ----
+
+
+class SteadyLoad:
+    """A producer thread: `rate_per_s` valid requests a second, round robin over `partitions`.
+
+    Each request goes to an explicit input partition (``partition_of``), so a test knows
+    which replica owns it; each is registered in the scenario as expecting one result.
+    """
+
+    def __init__(
+        self, scenario: Scenario, prefix: str, *, rate_per_s: float, partitions: int
+    ) -> None:
+        self.scenario = scenario
+        self.prefix = prefix
+        self.rate_per_s = rate_per_s
+        self.partitions = partitions
+        self.partition_of: dict[str, int] = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"load-{prefix}", daemon=True)
+
+    def start(self) -> SteadyLoad:
+        """Start producing."""
+        self.scenario.note(f"steady load {self.rate_per_s:g}/s over {self.partitions} partitions")
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        rig = self.scenario.rig
+        producer = Producer({"bootstrap.servers": rig.bootstrap, "linger.ms": 5})
+
+        def report(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                self.errors.append(err.str())
+
+        n = 0
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            rid = f"{self.prefix}-{n}"
+            partition = n % self.partitions
+            self.scenario.expected[rid] = GOOD
+            self.partition_of[rid] = partition
+            producer.produce(
+                rig.input_topic,
+                key=rid.encode(),
+                value=json.dumps(pdf_request(rid)).encode(),
+                partition=partition,
+                on_delivery=report,
+            )
+            producer.poll(0)
+            n += 1
+            next_at += 1.0 / self.rate_per_s
+            self._stop.wait(max(0.0, next_at - time.monotonic()))  # wait-ok: pacing the load
+        left = producer.flush(30)
+        if left:
+            self.errors.append(f"{left} requests not delivered")
+
+    def stop(self) -> int:
+        """Stop producing; return how many requests were sent (fails on a delivery error)."""
+        self._stop.set()
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "the load producer did not stop"
+        assert not self.errors, f"requests not delivered: {self.errors[:3]}"
+        self.scenario.note(f"steady load stopped after {len(self.partition_of)} requests")
+        return len(self.partition_of)
+
+
+class OutcomeTail:
+    """Follows the result and dead-letter topics (read_committed) in a thread.
+
+    Keeps, per outcome, its request id and when the bridge published it (a result's
+    ``timings.published_at``, a dead letter's ``failed_at``), in epoch seconds.
+    """
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.seen: list[tuple[str | None, float]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outcome-tail", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> OutcomeTail:
+        """Start following (the topics must exist: start it once a replica is ready)."""
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            for outcome in read_outcomes(
+                {"bootstrap.servers": self.rig.bootstrap},
+                [self.rig.result_topic, self.rig.dead_letter_topic],
+                follow=True,
+                stop=self._stop.is_set,
+            ):
+                at = None
+                if outcome.result is not None:
+                    at = outcome.result.timings.published_at
+                elif outcome.dead_letter is not None:
+                    at = outcome.dead_letter.failed_at
+                with self._lock:
+                    self.seen.append((outcome.request_id, at.timestamp() if at else time.time()))
+        except BaseException as exc:  # reported by first_after
+            self.error = exc
+
+    def first_after(self, since: float, wanted: Callable[[str], bool]) -> float | None:
+        """Earliest publication time after `since` of an outcome whose id is `wanted`."""
+        if self.error is not None:
+            raise AssertionError(f"outcome tail failed: {self.error!r}")
+        with self._lock:
+            times = [at for rid, at in self.seen if at > since and rid is not None and wanted(rid)]
+        return min(times) if times else None
+
+    def stop(self) -> None:
+        """Stop following."""
+        self._stop.set()
+        self._thread.join(15)
+
+
+def assigned_partitions(proc: BridgeProcess) -> list[int]:
+    """The input partitions a replica holds, as its /readyz says (ready or not)."""
+    body = httpx.get(proc.url("/readyz"), timeout=2).json()
+    return sorted(int(p) for p in body.get("assigned_partitions", []))
+
+
+def nearest_rank(values: Iterable[float], q: float) -> float:
+    """The nearest-rank percentile `q` (0-100) of `values` (p95 of 10 values is the largest)."""
+    ordered = sorted(values)
+    assert ordered, "no values"
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
