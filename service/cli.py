@@ -212,7 +212,7 @@ def replay(
     for letter in plan.selected:
         click.echo(f"{letter.request_id or '(no id)'}  {letter.reason.value}  {letter.message}")
     verb = "would replay" if dry_run else "replayed"
-    click.echo(f"{verb} {len(plan.selected)} dead letter(s); {plan.skipped} unreadable skipped")
+    click.echo(f"{verb} {len(plan.selected)} dead letter(s); {plan.skipped} unreadable or truncated skipped")
 
 
 @main.command()

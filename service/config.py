@@ -174,6 +174,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("BRIDGE_MAX_DOCUMENT_BYTES"),
         description="Largest document (decoded size); DocuTray's own limit is 100 MB.",
     )
+    max_header_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        validation_alias=AliasChoices("BRIDGE_MAX_HEADER_BYTES"),
+        description="Most bytes of an input record's headers (keys and values), and of its key "
+        "(bigger: dead letter `too_large`).",
+    )
     retry_deadline_s: float = Field(
         default=900.0, gt=0, validation_alias=AliasChoices("BRIDGE_RETRY_DEADLINE_S")
     )

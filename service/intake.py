@@ -7,13 +7,17 @@ what to fix. Nothing here raises on hostile input: any bytes, any key, any
 headers end in one of the two.
 
 Large base64 payloads are judged by their length before anything is decoded,
-so a payload that would decode to 150 MB is refused without decoding it.
+so a payload that would decode to 150 MB is refused without decoding it. The
+record's envelope is judged too: header keys must be UTF-8, and the key and
+the headers each stay under ``BRIDGE_MAX_HEADER_BYTES`` (an accepted request
+carries both into its changelog record and its outcome).
 """
 
 from __future__ import annotations
 
 import binascii
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,13 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
 _SNIFF_BYTES = 12
 #: Deepest JSON nesting accepted in a request (metadata included).
 MAX_JSON_DEPTH = 64
+#: Default of BRIDGE_MAX_HEADER_BYTES: the most bytes of header keys and values a request's
+#: record may carry, and the most bytes of its key.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+
+#: One header as read from Kafka: the key as text, as bytes (when the client could not decode
+#: it), or None (not UTF-8 and its bytes are lost); the value as bytes, text or None.
+RawHeader = tuple[str | bytes | None, str | bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +99,21 @@ def decoded_size_upper_bound(b64: str) -> int:
     return (len(b64) * 3) // 4
 
 
+def original_header(key: str | bytes | None, value: str | bytes | None) -> OriginalHeader:
+    """One header, kept losslessly: a key that is not UTF-8 keeps its bytes in ``key_bytes``."""
+    encoded = EncodedBytes.of(value)
+    if key is None:
+        return OriginalHeader(key="\ufffd", value=encoded, key_lost=True)
+    if isinstance(key, str):
+        return OriginalHeader(key=key, value=encoded)
+    try:
+        return OriginalHeader(key=key.decode("utf-8"), value=encoded)
+    except UnicodeDecodeError:
+        return OriginalHeader(
+            key=key.decode("utf-8", errors="replace"), value=encoded, key_bytes=EncodedBytes.of(key)
+        )
+
+
 def original_record(
     *,
     topic: str,
@@ -96,9 +122,13 @@ def original_record(
     timestamp_ms: int | None,
     key: bytes | str | None,
     value: bytes | str | None,
-    headers: list[tuple[str, str | bytes | None]] | dict[str, str | bytes | None] | None,
+    headers: Sequence[RawHeader] | dict[str, str | bytes | None] | None,
 ) -> OriginalRecord:
-    """Capture a consumed record losslessly (bytes that are not UTF-8 are kept as base64)."""
+    """Capture a consumed record losslessly (bytes that are not UTF-8 are kept as base64).
+
+    Nothing is bounded here: a dead letter bounds its copy when it is built
+    (:func:`service.outcomes.build_dead_letter`).
+    """
     return OriginalRecord(
         topic=topic,
         partition=partition,
@@ -107,10 +137,78 @@ def original_record(
         key=EncodedBytes.of(key),
         value=EncodedBytes.of(value),
         headers=[
-            OriginalHeader(key=k, value=EncodedBytes.of(v))
+            original_header(k, v)
             for k, v in (headers.items() if isinstance(headers, dict) else headers or [])
         ],
     )
+
+
+def _size(raw: str | bytes | None) -> int:
+    if raw is None:
+        return 0
+    return len(raw.encode("utf-8", errors="surrogatepass") if isinstance(raw, str) else raw)
+
+
+def header_bytes(headers: Sequence[RawHeader]) -> int:
+    """Bytes of every header key and value (a lost key counts as nothing)."""
+    return sum(_size(k) + _size(v) for k, v in headers)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def envelope_problem(
+    key: bytes | str | None,
+    headers: Sequence[RawHeader],
+    *,
+    max_header_bytes: int,
+) -> tuple[DeadLetterReason, str] | None:
+    """What is wrong with a record's key and headers, if anything (value aside). Never raises.
+
+    A header key must be UTF-8 text (the Kafka protocol says so; clients in other
+    languages send bytes anyway); the key and the headers each stay within
+    `max_header_bytes`, because an accepted request carries both into its
+    changelog record and onto its result.
+    """
+    unreadable = [
+        i
+        for i, (k, _) in enumerate(headers)
+        if k is None or (isinstance(k, bytes) and not _is_utf8(k))
+    ]
+    if unreadable:
+        first = headers[unreadable[0]][0]
+        shown = (
+            f"bytes {first[:16].hex(' ')}{' ...' if len(first) > 16 else ''}"
+            if isinstance(first, bytes)
+            else "its bytes could not be recovered"
+        )
+        more = f", and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
+        return (
+            DeadLetterReason.MALFORMED_RECORD,
+            f"header key is not UTF-8 (header {unreadable[0] + 1} of {len(headers)}: {shown}"
+            f"{more}); Kafka header keys must be UTF-8 text: fix the producer",
+        )
+    key_size = _size(key)
+    if key_size > max_header_bytes:
+        return (
+            DeadLetterReason.TOO_LARGE,
+            f"record key is {key_size} bytes, over BRIDGE_MAX_HEADER_BYTES={max_header_bytes} "
+            "(the limit of the key, and of the headers together); key requests by request id",
+        )
+    size = header_bytes(headers)
+    if size > max_header_bytes:
+        return (
+            DeadLetterReason.TOO_LARGE,
+            f"record headers take {size} bytes (keys and values of {len(headers)} headers), over "
+            f"BRIDGE_MAX_HEADER_BYTES={max_header_bytes}; put large data in the request or "
+            "behind a URL",
+        )
+    return None
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
@@ -169,13 +267,43 @@ def parse_record(
     max_request_bytes: int,
     max_document_bytes: int,
     key: bytes | str | None = None,
+    headers: Sequence[RawHeader] = (),
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> Accepted | Rejected:
-    """Judge one input record's value. Never raises.
+    """Judge one input record: its value, key and headers. Never raises.
 
     When the value cannot be read far enough to find its request id, the
     record key stands in for it (if it looks like one), so that the dead
-    letter can still be matched to the request.
+    letter can still be matched to the request. A valid value in a bad
+    envelope (see :func:`envelope_problem`) is rejected with the envelope's
+    reason and its request id; when both are bad, the value's reason wins and
+    the message names both.
     """
+    verdict = _judge_value(
+        value, max_request_bytes=max_request_bytes, max_document_bytes=max_document_bytes, key=key
+    )
+    problem = envelope_problem(key, headers, max_header_bytes=max_header_bytes)
+    if problem is None:
+        return verdict
+    reason, message = problem
+    if isinstance(verdict, Accepted):
+        request = verdict.request
+        return Rejected(reason, message, request.request_id, request.document_type_code)
+    return Rejected(
+        verdict.reason,
+        f"{verdict.message}; also: {message}",
+        verdict.request_id,
+        verdict.document_type_code,
+    )
+
+
+def _judge_value(
+    value: bytes | None,
+    *,
+    max_request_bytes: int,
+    max_document_bytes: int,
+    key: bytes | str | None,
+) -> Accepted | Rejected:
     key_id = key_as_request_id(key)
     if value is None:
         return Rejected(

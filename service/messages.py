@@ -220,15 +220,57 @@ class EncodedBytes(_Model):
         return base64.b64decode(self.data)
 
 
-class OriginalHeader(_Model):
-    """One Kafka header of the original record."""
+def _unset(value: object) -> bool:
+    """Fields added for hostile records are left out of the JSON while unset (no cost to others)."""
+    return value is None or value is False
 
-    key: str
+
+class OriginalHeader(_Model):
+    """One Kafka header of the original record.
+
+    A header too large to keep whole has ``value_truncated``: ``value`` then holds
+    a prefix, ``value_size`` and ``value_sha256`` describe the whole value.
+    """
+
+    key: str = Field(
+        description="The header key (bytes that are not UTF-8 appear as U+FFFD; see `key_bytes`)."
+    )
     value: EncodedBytes | None
+    key_bytes: EncodedBytes | None = Field(
+        default=None,
+        exclude_if=_unset,
+        description="The key's exact bytes, when they are not UTF-8.",
+    )
+    key_lost: bool = Field(
+        default=False,
+        exclude_if=_unset,
+        description="The key is not UTF-8 and the Kafka client could not recover its bytes.",
+    )
+    value_truncated: bool = Field(
+        default=False, exclude_if=_unset, description="`value` is only a prefix of the value."
+    )
+    value_size: int | None = Field(
+        default=None, exclude_if=_unset, description="Size of the whole value in bytes."
+    )
+    value_sha256: str | None = Field(
+        default=None, exclude_if=_unset, description="SHA-256 (hex) of the whole value."
+    )
+
+    @property
+    def complete(self) -> bool:
+        """Key and value are both exactly as consumed."""
+        return not (self.key_lost or self.value_truncated)
 
 
 class OriginalRecord(_Model):
-    """The input record exactly as consumed, so it can be inspected or replayed."""
+    """The input record exactly as consumed, so it can be inspected or replayed.
+
+    A dead letter must fit its topic, so a record too large to carry whole is cut:
+    ``value_truncated`` (or ``key_truncated``) says ``value`` (``key``) holds only
+    a prefix, with the whole part's size and SHA-256 beside it; ``headers_truncated``
+    says headers were left out or cut (``headers_count``, ``headers_size``: all of
+    them). These fields appear only when set.
+    """
 
     topic: str
     partition: int
@@ -237,10 +279,55 @@ class OriginalRecord(_Model):
     key: EncodedBytes | None = None
     value: EncodedBytes | None = None
     headers: list[OriginalHeader] = Field(default_factory=list)
+    value_truncated: bool = Field(
+        default=False, exclude_if=_unset, description="`value` is only a prefix of the value."
+    )
+    value_size: int | None = Field(
+        default=None, exclude_if=_unset, description="Size of the whole value in bytes."
+    )
+    value_sha256: str | None = Field(
+        default=None, exclude_if=_unset, description="SHA-256 (hex) of the whole value."
+    )
+    key_truncated: bool = Field(
+        default=False, exclude_if=_unset, description="`key` is only a prefix of the key."
+    )
+    key_size: int | None = Field(
+        default=None, exclude_if=_unset, description="Size of the whole key in bytes."
+    )
+    key_sha256: str | None = Field(
+        default=None, exclude_if=_unset, description="SHA-256 (hex) of the whole key."
+    )
+    headers_truncated: bool = Field(
+        default=False,
+        exclude_if=_unset,
+        description="Some headers are left out or cut (see each header's `value_truncated`).",
+    )
+    headers_count: int | None = Field(
+        default=None, exclude_if=_unset, description="How many headers the record had."
+    )
+    headers_size: int | None = Field(
+        default=None,
+        exclude_if=_unset,
+        description="Bytes of all the record's header keys and values.",
+    )
+
+    @property
+    def truncated(self) -> bool:
+        """Some part of the record is not kept exactly (cut, left out or unreadable)."""
+        return (
+            self.value_truncated
+            or self.key_truncated
+            or self.headers_truncated
+            or not all(h.complete for h in self.headers)
+        )
 
     def header_tuples(self) -> list[tuple[str, str | bytes | None]]:
-        """The headers as confluent-kafka expects them."""
-        return [(h.key, h.value.raw() if h.value is not None else None) for h in self.headers]
+        """The headers as confluent-kafka expects them (only those kept whole)."""
+        return [
+            (h.key, h.value.raw() if h.value is not None else None)
+            for h in self.headers
+            if h.complete
+        ]
 
 
 class DeadLetter(_Model):

@@ -2,11 +2,15 @@
 
 Pure functions: the engine asks :func:`classify_submit_error` and
 :func:`classify_status_error` what to do with an error, and builds results and
-dead letters with :func:`build_result` and :func:`build_dead_letter`.
+dead letters with :func:`build_result` and :func:`build_dead_letter`; a dead
+letter becomes its Kafka record through :func:`dead_letter_record`.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -27,6 +31,8 @@ from service.messages import (
     ConversionTimings,
     DeadLetter,
     DeadLetterReason,
+    EncodedBytes,
+    OriginalHeader,
     OriginalRecord,
     utcnow,
 )
@@ -156,6 +162,23 @@ def build_result(
     )
 
 
+#: Default bound of a dead-letter record (key, value and headers, uncompressed): under
+#: Kafka's default topic limit (1 MiB, ``max.message.bytes`` 1,048,588) with room for framing.
+DEFAULT_DEAD_LETTER_BYTES = 900 * 1024
+#: The original key becomes the dead letter's Kafka key only up to this size (else None).
+DEAD_LETTER_KEY_BYTES = 256
+#: A dead letter that must be cut also bounds its message and DocuTray's error body.
+_MESSAGE_CHARS = 4000
+_API_ERROR_BYTES = 8 * 1024
+#: JSON around an EncodedBytes' data: ``{"encoding":"base64","data":""}``.
+_ENCODED_OVERHEAD = 40
+#: Shares of the room left for the original's parts when they must be cut.
+_KEY_SHARE = 16
+_HEADERS_SHARE = 4
+
+Headers = list[tuple[str, str | bytes | None]]
+
+
 def build_dead_letter(
     *,
     reason: DeadLetterReason,
@@ -168,11 +191,22 @@ def build_dead_letter(
     attempts: int = 0,
     status_calls: int = 0,
     received_at: datetime | None = None,
+    max_bytes: int = DEFAULT_DEAD_LETTER_BYTES,
 ) -> DeadLetter:
-    """A dead letter that explains itself and carries the original record in full."""
+    """A dead letter that explains itself and carries the original record, within `max_bytes`.
+
+    `max_bytes` bounds the whole dead-letter record as :func:`dead_letter_record`
+    makes it (key, JSON value, and the original headers it carries), so pass the
+    dead-letter topic's record limit. The original is kept bit for bit when it
+    fits. When it does not, bounded prefixes of its value, key and headers are
+    kept instead, each cut part flagged ``*_truncated`` with its whole size and
+    SHA-256 (see :class:`~service.messages.OriginalRecord`), and the message and
+    the API error body are bounded too. Only a `max_bytes` below a few KiB can be
+    too small for the rest of the dead letter.
+    """
     http_status = getattr(error, "status_code", None) if error is not None else None
     body = getattr(error, "body", None) if error is not None else None
-    return DeadLetter(
+    letter = DeadLetter(
         request_id=request_id,
         reason=reason,
         message=message,
@@ -186,6 +220,207 @@ def build_dead_letter(
         failed_at=utcnow(),
         original=original,
     )
+    if _surely_too_big(letter.original, max_bytes) or dead_letter_bytes(letter) > max_bytes:
+        return _bounded(letter, max_bytes)
+    return letter
+
+
+def dead_letter_record(letter: DeadLetter) -> tuple[bytes | None, bytes, Headers]:
+    """The dead letter's Kafka record: (key, value, headers).
+
+    The key is the request id, else the original key when it is small (never a
+    hostile megabyte), else None. The headers are the original headers kept whole.
+    """
+    key: bytes | None = None
+    if letter.request_id is not None:
+        key = letter.request_id.encode("utf-8", errors="replace")
+    elif letter.original.key is not None and not letter.original.key_truncated:
+        raw = letter.original.key.raw()
+        key = raw if len(raw) <= DEAD_LETTER_KEY_BYTES else None
+    return key, letter.model_dump_json().encode(), letter.original.header_tuples()
+
+
+def dead_letter_bytes(letter: DeadLetter) -> int:
+    """Size of the dead letter's Kafka record: key, value, header keys and values."""
+    key, value, headers = dead_letter_record(letter)
+    return len(key or b"") + len(value) + sum(_size(k) + _size(v) for k, v in headers)
+
+
+def _size(raw: str | bytes | None) -> int:
+    if raw is None:
+        return 0
+    return len(raw.encode("utf-8", errors="replace") if isinstance(raw, str) else raw)
+
+
+def _surely_too_big(orig: OriginalRecord, max_bytes: int) -> bool:
+    """The original alone is over `max_bytes` (JSON never makes text shorter), found cheaply."""
+    chars = sum(len(e.data) for e in (orig.key, orig.value) if e is not None)
+    chars += sum(len(h.key) + (len(h.value.data) if h.value else 0) for h in orig.headers)
+    return chars > max_bytes
+
+
+def _json_len(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", errors="replace"))
+
+
+def _encoded_len(part: EncodedBytes | None, budget: int) -> int:
+    """JSON bytes of `part`, or more than `budget` when it surely takes more (not measured)."""
+    if part is None:
+        return 4
+    if len(part.data) > budget:
+        return budget + 1
+    return _json_len(part.data) + _ENCODED_OVERHEAD
+
+
+def _cut(part: EncodedBytes, budget: int) -> EncodedBytes:
+    """The longest prefix of `part` (near enough) whose JSON takes at most `budget` bytes.
+
+    Text stays text, cut at a character boundary, when its escaping allows;
+    otherwise the prefix goes as base64, whose size is exact.
+    """
+    room = budget - _ENCODED_OVERHEAD
+    if room <= 0:
+        return EncodedBytes(encoding=part.encoding, data="")
+    raw = part.raw()
+    if part.encoding == "utf-8":
+        n = min(len(raw), room)
+        for _ in range(4):
+            text = raw[:n].decode("utf-8", errors="ignore")  # drops only a split last char
+            cost = _json_len(text)
+            if cost <= room:
+                return EncodedBytes(encoding="utf-8", data=text)
+            n = max(0, n * room // cost - 8)
+    n = max(0, room // 4 * 3)
+    return EncodedBytes(encoding="base64", data=base64.b64encode(raw[:n]).decode("ascii"))
+
+
+def _whole(part: EncodedBytes, size: int | None, sha256: str | None) -> tuple[int, str]:
+    """Size and SHA-256 of the whole part (kept from an earlier cut, else measured)."""
+    if size is not None and sha256 is not None:
+        return size, sha256
+    raw = part.raw()
+    return len(raw), hashlib.sha256(raw).hexdigest()
+
+
+def _cut_headers(
+    headers: list[OriginalHeader], budget: int
+) -> tuple[list[OriginalHeader], int, bool]:
+    """Headers in order while `budget` lasts (whole ones count twice: JSON and Kafka header);
+    the first that does not fit keeps a prefix of its value when there is room. Returns
+    (headers kept, bytes used, whether any was left out or cut)."""
+    kept: list[OriginalHeader] = []
+    used = 0
+    cut = False
+    for h in headers:
+        key_cost = _json_len(h.key) + _encoded_len(h.key_bytes, budget) + 64
+        value_cost = _encoded_len(h.value, budget)
+        whole = key_cost + value_cost
+        if h.complete:
+            whole += _size(h.key) + (len(h.value.raw()) if h.value is not None else 0)
+        if used + whole <= budget:
+            kept.append(h)
+            used += whole
+            continue
+        cut = True
+        room = budget - used - key_cost - 160  # the size and SHA-256 fields
+        if h.value is None or room < 256:
+            break
+        size, sha256 = _whole(h.value, h.value_size, h.value_sha256)
+        prefix = _cut(h.value, room)
+        kept.append(
+            h.model_copy(
+                update={
+                    "value": prefix,
+                    "value_truncated": True,
+                    "value_size": size,
+                    "value_sha256": sha256,
+                }
+            )
+        )
+        used += key_cost + _encoded_len(prefix, room) + 160
+        break
+    return kept, used, cut
+
+
+def _bounded(letter: DeadLetter, max_bytes: int) -> DeadLetter:
+    """`letter` cut to fit `max_bytes` (see :func:`build_dead_letter`)."""
+    message = letter.message
+    if len(message) > _MESSAGE_CHARS:
+        message = message[:_MESSAGE_CHARS] + f"... ({len(letter.message)} characters in all)"
+    api_error = letter.api_error
+    if api_error is not None:
+        size = len(json.dumps(api_error, default=str))
+        if size > _API_ERROR_BYTES:
+            api_error = None
+            message += f" (DocuTray's error body, {size} bytes, is left out)"
+    orig = letter.original
+    # The skeleton: everything but the original's parts, with every truncation field set.
+    value_size = value_sha = key_size = key_sha = None
+    if orig.value is not None:
+        value_size, value_sha = _whole(orig.value, orig.value_size, orig.value_sha256)
+    if orig.key is not None:
+        key_size, key_sha = _whole(orig.key, orig.key_size, orig.key_sha256)
+    headers_count = orig.headers_count if orig.headers_truncated else len(orig.headers)
+    headers_size = (
+        orig.headers_size
+        if orig.headers_truncated
+        else sum(
+            _size(h.key_bytes.raw() if h.key_bytes is not None else h.key)
+            + (_whole(h.value, h.value_size, h.value_sha256)[0] if h.value is not None else 0)
+            for h in orig.headers
+        )
+    )
+    empty = EncodedBytes(encoding="utf-8", data="")
+    skeleton = orig.model_copy(
+        update={
+            "value": empty if orig.value is not None else None,
+            "key": empty if orig.key is not None else None,
+            "headers": [],
+            "value_truncated": orig.value is not None,
+            "value_size": value_size,
+            "value_sha256": value_sha,
+            "key_truncated": orig.key is not None,
+            "key_size": key_size,
+            "key_sha256": key_sha,
+            "headers_truncated": bool(orig.headers) or orig.headers_truncated,
+            "headers_count": headers_count,
+            "headers_size": headers_size,
+        }
+    )
+    bare = letter.model_copy(update={"message": message, "api_error": api_error})
+    fixed = dead_letter_bytes(bare.model_copy(update={"original": skeleton}))
+    room = max(0, max_bytes - fixed - 256)
+
+    key, key_cut = orig.key, False
+    if key is not None and _encoded_len(key, room // _KEY_SHARE) > room // _KEY_SHARE:
+        key, key_cut = _cut(key, room // _KEY_SHARE), True
+    used = _encoded_len(key, room)
+    if key is not None and not key_cut and len(key.data) <= DEAD_LETTER_KEY_BYTES:
+        used += _size(key.data)  # may become the Kafka key too
+    headers, headers_used, headers_cut = _cut_headers(list(orig.headers), room // _HEADERS_SHARE)
+    used += headers_used
+    value, value_cut = orig.value, False
+    if value is not None and _encoded_len(value, room - used) > room - used:
+        value, value_cut = _cut(value, room - used), True
+    update: dict[str, Any] = {
+        "key": key,
+        "value": value,
+        "headers": headers,
+        "value_truncated": value_cut or orig.value_truncated,
+        "value_size": value_size if value_cut or orig.value_truncated else None,
+        "value_sha256": value_sha if value_cut or orig.value_truncated else None,
+        "key_truncated": key_cut or orig.key_truncated,
+        "key_size": key_size if key_cut or orig.key_truncated else None,
+        "key_sha256": key_sha if key_cut or orig.key_truncated else None,
+        "headers_truncated": headers_cut or orig.headers_truncated,
+        "headers_count": headers_count if headers_cut or orig.headers_truncated else None,
+        "headers_size": headers_size if headers_cut or orig.headers_truncated else None,
+    }
+    bounded = bare.model_copy(update={"original": orig.model_copy(update=update)})
+    if dead_letter_bytes(bounded) <= max_bytes:
+        return bounded
+    # Estimates fell short (they should not): keep only what cannot be cut.
+    return bare.model_copy(update={"original": skeleton})
 
 
 def describe_error(exc: BaseException) -> str:

@@ -248,7 +248,11 @@ def replay_dead_letters(
             continue
         if request_ids is not None and letter.request_id not in request_ids:
             continue
-        if letter.original.value is None:
+        if (
+            letter.original.value is None
+            or letter.original.value_truncated  # only a prefix was kept: cannot be resent
+            or letter.original.key_truncated
+        ):
             skipped += 1
             continue
         selected.append((letter, f"{outcome.topic}/{outcome.partition}/{outcome.offset}"))

@@ -588,3 +588,22 @@ def test_webhook_drops_are_reproducible_from_the_seed(
     first = run()
     assert 0 < len(first) < 12
     assert run() == first
+
+
+def test_a_shortened_hour_window_frees_up_at_its_reset_time(
+    emulator_factory: EmulatorStarter,
+) -> None:
+    """Tests of clients that wait for `resetTime` shorten the window instead of waiting an hour."""
+    emu = emulator_factory(
+        rate_limit_per_hour=1, rate_limit_hour_window_s=2.0, rate_limit_scope="submit"
+    )
+    with _client(emu) as client:
+        assert _submit(client).status_code == 202
+        refused = _submit(client)
+        assert refused.status_code == 429
+        body = refused.json()
+        assert body["limitType"] == "hour"
+        assert body["retryAfter"] <= 2
+        _wait_for(lambda: time.time() >= body["resetTime"], timeout_s=5, what="resetTime")
+        assert _submit(client).status_code == 202
+    assert emu.configure(rate_limit_hour_window_s=3600)["rate_limit_hour_window_s"] == 3600

@@ -147,6 +147,8 @@ class EmulatorState:
             per_hour=config.rate_limit_per_hour,
             per_day=config.rate_limit_per_day,
             algorithm=config.rate_limit_algorithm,
+            hour_window_s=config.rate_limit_hour_window_s,
+            day_window_s=config.rate_limit_day_window_s,
         )
         self.faults = FaultInjector(seed=config.seed)
         self.store = ConversionStore()
@@ -170,6 +172,8 @@ class EmulatorState:
             per_minute=self.config.rate_limit_per_minute,
             per_hour=self.config.rate_limit_per_hour,
             per_day=self.config.rate_limit_per_day,
+            hour_window_s=self.config.rate_limit_hour_window_s,
+            day_window_s=self.config.rate_limit_day_window_s,
         )
 
     def owner_of(self, authorization: str | None) -> str | None:

@@ -130,6 +130,22 @@ def _bind(host: str, port: int) -> socket.socket:
     help="Calls per API key per day (UTC) before 429 with limitType 'day'; 0 disables it.",
 )
 @click.option(
+    "--rate-limit-hour-window-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_DEFAULTS.rate_limit_hour_window_s,
+    show_default=True,
+    envvar="EMULATOR_RATE_LIMIT_HOUR_WINDOW_S",
+    help="Length of the 'hour' window in seconds (shorten it in tests so resetTime comes soon).",
+)
+@click.option(
+    "--rate-limit-day-window-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_DEFAULTS.rate_limit_day_window_s,
+    show_default=True,
+    envvar="EMULATOR_RATE_LIMIT_DAY_WINDOW_S",
+    help="Length of the 'day' window in seconds (shorten it in tests so resetTime comes soon).",
+)
+@click.option(
     "--rate-limit-scope",
     type=click.Choice(["all", "submit"]),
     default=_DEFAULTS.rate_limit_scope,
@@ -337,6 +353,8 @@ def emulator_command(
     rate_limit_per_minute: int,
     rate_limit_per_hour: int,
     rate_limit_per_day: int,
+    rate_limit_hour_window_s: float,
+    rate_limit_day_window_s: float,
     rate_limit_scope: str,
     rate_limit_algorithm: str,
     monthly_quota: int | None,
@@ -367,7 +385,8 @@ def emulator_command(
 
     Emulator-only routes for tests live under /_emulator/ (stats, config, forget,
     reset-stats) and need no API key. POST /_emulator/config changes at run time:
-    the fault rates, rate_limit_per_minute/_per_hour/_per_day, monthly_quota (null
+    the fault rates, rate_limit_per_minute/_per_hour/_per_day and the hour/day window
+    lengths, monthly_quota (null
     switches a limit or the quota off), the processing medians and every webhook_*
     knob. Webhook faults (drop, duplicate) are seeded like every other draw.
     """
@@ -381,6 +400,8 @@ def emulator_command(
                 "rate_limit_per_minute": rate_limit_per_minute or None,
                 "rate_limit_per_hour": rate_limit_per_hour or None,
                 "rate_limit_per_day": rate_limit_per_day or None,
+                "rate_limit_hour_window_s": rate_limit_hour_window_s,
+                "rate_limit_day_window_s": rate_limit_day_window_s,
                 "monthly_quota": monthly_quota,
                 "rate_limit_scope": rate_limit_scope,
                 "rate_limit_algorithm": rate_limit_algorithm,

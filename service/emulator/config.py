@@ -55,6 +55,16 @@ class EmulatorConfig(BaseModel):
     rate_limit_per_day: int | None = Field(
         default=None, gt=0, description="Calls per API key per day; None disables the limit."
     )
+    rate_limit_hour_window_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Length of the 'hour' window (tests shorten it so resetTime comes soon).",
+    )
+    rate_limit_day_window_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="Length of the 'day' window (tests shorten it so resetTime comes soon).",
+    )
     rate_limit_scope: RateLimitScope = "all"
     rate_limit_algorithm: RateLimitAlgorithm = "sliding"
     monthly_quota: int | None = Field(
@@ -187,6 +197,8 @@ class KnobsPatch(BaseModel):
     rate_limit_per_minute: int | None = Field(default=None, gt=0)
     rate_limit_per_hour: int | None = Field(default=None, gt=0)
     rate_limit_per_day: int | None = Field(default=None, gt=0)
+    rate_limit_hour_window_s: float | None = Field(default=None, gt=0)
+    rate_limit_day_window_s: float | None = Field(default=None, gt=0)
     monthly_quota: int | None = Field(default=None, ge=0)
     rate_limit_scope: RateLimitScope | None = None
     processing_median_s: float | None = Field(default=None, gt=0)
@@ -207,6 +219,8 @@ class KnobsPatch(BaseModel):
         "slow_response_rate",
         "slow_response_s",
         "rate_limit_scope",
+        "rate_limit_hour_window_s",
+        "rate_limit_day_window_s",
         "processing_median_s",
         "processing_sigma",
         "processing_median_s_by_type",

@@ -53,10 +53,11 @@ class WindowRateLimiter:
         limit: int | None,
         limit_type: LimitType = "minute",
         algorithm: RateLimitAlgorithm = "sliding",
+        window_s: float | None = None,
     ) -> None:
         self.limit = limit
         self.limit_type: LimitType = limit_type
-        self.window_s = WINDOWS_S[limit_type]
+        self.window_s = WINDOWS_S[limit_type] if window_s is None else window_s
         self.algorithm: RateLimitAlgorithm = algorithm
         self._calls: dict[str, deque[float]] = {}
         self._fixed: dict[str, tuple[int, int]] = {}
@@ -150,20 +151,35 @@ class PlanRateLimiter:
         per_hour: int | None = None,
         per_day: int | None = None,
         algorithm: RateLimitAlgorithm = "sliding",
+        hour_window_s: float = WINDOWS_S["hour"],
+        day_window_s: float = WINDOWS_S["day"],
     ) -> None:
         self.windows: dict[LimitType, WindowRateLimiter] = {
             "minute": WindowRateLimiter(limit=per_minute, limit_type="minute", algorithm=algorithm),
-            "hour": WindowRateLimiter(limit=per_hour, limit_type="hour", algorithm=algorithm),
-            "day": WindowRateLimiter(limit=per_day, limit_type="day", algorithm=algorithm),
+            "hour": WindowRateLimiter(
+                limit=per_hour, limit_type="hour", algorithm=algorithm, window_s=hour_window_s
+            ),
+            "day": WindowRateLimiter(
+                limit=per_day, limit_type="day", algorithm=algorithm, window_s=day_window_s
+            ),
         }
 
     def set_limits(
-        self, *, per_minute: int | None, per_hour: int | None, per_day: int | None
+        self,
+        *,
+        per_minute: int | None,
+        per_hour: int | None,
+        per_day: int | None,
+        hour_window_s: float = WINDOWS_S["hour"],
+        day_window_s: float = WINDOWS_S["day"],
     ) -> None:
-        """Change the budgets at runtime; calls already counted still count."""
+        """Change the budgets (and the test-only window lengths) at runtime; calls already
+        counted still count."""
         self.windows["minute"].limit = per_minute
         self.windows["hour"].limit = per_hour
         self.windows["day"].limit = per_day
+        self.windows["hour"].window_s = hour_window_s
+        self.windows["day"].window_s = day_window_s
 
     def acquire(self, key: str, *, now_s: float) -> RateDecision:
         """Spend one call in every window, or none when any window is spent.
