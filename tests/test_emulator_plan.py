@@ -607,3 +607,18 @@ def test_a_shortened_hour_window_frees_up_at_its_reset_time(
         _wait_for(lambda: time.time() >= body["resetTime"], timeout_s=5, what="resetTime")
         assert _submit(client).status_code == 202
     assert emu.configure(rate_limit_hour_window_s=3600)["rate_limit_hour_window_s"] == 3600
+
+
+def test_a_short_quota_period_resets_at_its_reset_date(emulator_factory: EmulatorStarter) -> None:
+    emu = emulator_factory(monthly_quota=1, monthly_quota_period_s=2.0)
+    with _client(emu) as client:
+        _wait_for(lambda: time.time() % 2.0 < 1.0, timeout_s=3, what="the start of a period")
+        assert _submit(client).status_code == 202
+        refused = _submit(client)
+        assert refused.status_code == 402
+        reset_s = datetime.fromisoformat(refused.json()["resetDate"]).timestamp()
+        assert 0 < reset_s - time.time() <= 2.0
+        _wait_for(lambda: time.time() >= reset_s, timeout_s=5, what="resetDate")
+        assert _submit(client).status_code == 202
+    off = emu.configure(monthly_quota_period_s=None)
+    assert off["monthly_quota_period_s"] is None

@@ -290,7 +290,10 @@ async def _submit(request: Request, state: EmulatorState) -> tuple[Response, str
 
 def _quota_exceeded(state: EmulatorState, owner: str) -> JSONResponse | None:
     """The 402 answer when `owner`'s monthly quota is spent, else None."""
-    decision = state.ledger.check_quota(owner, state.config.monthly_quota, now_s=time.time())
+    config = state.config
+    decision = state.ledger.check_quota(
+        owner, config.monthly_quota, now_s=time.time(), period_s=config.monthly_quota_period_s
+    )
     if decision.allowed:
         return None
     state.stats.quota_exceeded += 1
@@ -341,6 +344,7 @@ def _accept(
         now_s=now_s,
         succeeds_at_s=conversion.ends_at_s if plan.outcome == "SUCCESS" else None,
         pages=pages,
+        period_s=config.monthly_quota_period_s,
     )
     state.webhooks.schedule(conversion, metadata=submission.metadata, now_s=now_s)
     base = config.public_base_url or str(request.base_url).rstrip("/")

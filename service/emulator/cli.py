@@ -171,6 +171,14 @@ def _bind(host: str, port: int) -> socket.socket:
     "[default: no quota]",
 )
 @click.option(
+    "--monthly-quota-period-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    envvar="EMULATOR_MONTHLY_QUOTA_PERIOD_S",
+    help="Test-only: count the quota per fixed period of this many seconds (resetDate is "
+    "its end) instead of per calendar month. [default: calendar month]",
+)
+@click.option(
     "--processing-median-s",
     type=click.FloatRange(min=0, min_open=True),
     default=_DEFAULTS.processing_median_s,
@@ -358,6 +366,7 @@ def emulator_command(
     rate_limit_scope: str,
     rate_limit_algorithm: str,
     monthly_quota: int | None,
+    monthly_quota_period_s: float | None,
     processing_median_s: float,
     processing_sigma: float,
     medians_by_type: dict[str, float],
@@ -386,7 +395,7 @@ def emulator_command(
     Emulator-only routes for tests live under /_emulator/ (stats, config, forget,
     reset-stats) and need no API key. POST /_emulator/config changes at run time:
     the fault rates, rate_limit_per_minute/_per_hour/_per_day and the hour/day window
-    lengths, monthly_quota (null
+    lengths, monthly_quota and monthly_quota_period_s (null
     switches a limit or the quota off), the processing medians and every webhook_*
     knob. Webhook faults (drop, duplicate) are seeded like every other draw.
     """
@@ -403,6 +412,7 @@ def emulator_command(
                 "rate_limit_hour_window_s": rate_limit_hour_window_s,
                 "rate_limit_day_window_s": rate_limit_day_window_s,
                 "monthly_quota": monthly_quota,
+                "monthly_quota_period_s": monthly_quota_period_s,
                 "rate_limit_scope": rate_limit_scope,
                 "rate_limit_algorithm": rate_limit_algorithm,
                 "processing_median_s": processing_median_s,

@@ -73,6 +73,12 @@ class EmulatorConfig(BaseModel):
         description="Conversions accepted per API key per calendar month (UTC) before "
         "submissions get 402; None means no quota.",
     )
+    monthly_quota_period_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Test-only: count the quota per fixed period of this many seconds "
+        "(epoch-aligned; resetDate its end) instead of per calendar month.",
+    )
     webhook_urls: list[str] = Field(
         default_factory=list,
         description="Where every conversion event is POSTed (DocuTray: one endpoint per "
@@ -200,6 +206,7 @@ class KnobsPatch(BaseModel):
     rate_limit_hour_window_s: float | None = Field(default=None, gt=0)
     rate_limit_day_window_s: float | None = Field(default=None, gt=0)
     monthly_quota: int | None = Field(default=None, ge=0)
+    monthly_quota_period_s: float | None = Field(default=None, gt=0)
     rate_limit_scope: RateLimitScope | None = None
     processing_median_s: float | None = Field(default=None, gt=0)
     processing_sigma: float | None = Field(default=None, ge=0)
@@ -235,7 +242,7 @@ class KnobsPatch(BaseModel):
     )
     @classmethod
     def _not_null(cls, value: object) -> object:
-        # Only the rate limits and the quota have a meaningful null (off).
+        # Only the rate limits and the quota (and its period) have a meaningful null (off).
         if value is None:
             raise ValueError("may not be null")
         return value

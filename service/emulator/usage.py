@@ -20,6 +20,7 @@ DocuTray's billing survives a loss of conversion state. Time is passed in.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +29,8 @@ from typing import Any
 from service.emulator.conversions import iso_timestamp
 
 Month = tuple[int, int]
+QuotaPeriod = tuple[int, int] | int
+"""A calendar month (year, month), or the index of a test-only fixed period."""
 
 
 def month_of(epoch_s: float) -> Month:
@@ -61,20 +64,40 @@ class UsageLedger:
     _sequence: int = 0
     conversions: Counter[tuple[str, Month]] = field(default_factory=Counter)
     pages: Counter[tuple[str, Month]] = field(default_factory=Counter)
-    accepted: Counter[tuple[str, Month]] = field(default_factory=Counter)
+    accepted: Counter[tuple[str, QuotaPeriod]] = field(default_factory=Counter)
 
-    def check_quota(self, owner: str, quota: int | None, *, now_s: float) -> QuotaDecision:
-        """Whether `owner` may start one more conversion now (nothing is spent)."""
-        month = month_of(now_s)
-        used = self.accepted[(owner, month)]
+    @staticmethod
+    def _period(now_s: float, period_s: float | None) -> tuple[QuotaPeriod, float]:
+        if period_s is None:
+            month = month_of(now_s)
+            return month, next_month_start_s(month)
+        index = math.floor(now_s / period_s)
+        return index, (index + 1) * period_s
+
+    def check_quota(
+        self, owner: str, quota: int | None, *, now_s: float, period_s: float | None = None
+    ) -> QuotaDecision:
+        """Whether `owner` may start one more conversion now (nothing is spent).
+
+        The quota period is the calendar month, or (tests) a fixed period of
+        `period_s` seconds aligned to the epoch.
+        """
+        period, reset_at_s = self._period(now_s, period_s)
+        used = self.accepted[(owner, period)]
         allowed = quota is None or used < quota
-        return QuotaDecision(allowed, quota, used, next_month_start_s(month))
+        return QuotaDecision(allowed, quota, used, reset_at_s)
 
     def record_accepted(
-        self, owner: str, *, now_s: float, succeeds_at_s: float | None, pages: int
+        self,
+        owner: str,
+        *,
+        now_s: float,
+        succeeds_at_s: float | None,
+        pages: int,
+        period_s: float | None = None,
     ) -> None:
         """A submission got 202; if its plan ends in SUCCESS, queue it for usage."""
-        self.accepted[(owner, month_of(now_s))] += 1
+        self.accepted[(owner, self._period(now_s, period_s)[0])] += 1
         if succeeds_at_s is not None:
             self._sequence += 1
             heapq.heappush(self._pending, (succeeds_at_s, self._sequence, owner, pages))
