@@ -1,9 +1,11 @@
-"""Hostile input (issue 7, item 3): any bytes, keys and headers end in a verdict, never a crash,
-and a dead letter keeps the original record bit for bit."""
+"""Hostile input (issue 7 item 3, issue 11 item 3): any bytes, keys and headers end in a verdict,
+never a crash, and a dead letter keeps the original record bit for bit, or, when it cannot fit
+its topic, a prefix of each part with the whole part's size and SHA-256."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import sys
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 from service import samples
 from service.intake import Accepted, Rejected, original_record, parse_record
 from service.messages import DeadLetter, DeadLetterReason, OriginalRecord, PendingRecord, utcnow
-from service.outcomes import build_dead_letter
+from service.outcomes import DEFAULT_DEAD_LETTER_BYTES, build_dead_letter, dead_letter_bytes
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_DOCUMENT_BYTES = 100 * 1024 * 1024
@@ -134,8 +136,51 @@ def assert_bit_for_bit(
     assert orig.header_tuples() == headers
 
 
+def assert_prefix_of(kept: bytes, whole: bytes, size: int | None, sha256: str | None) -> None:
+    """A cut part: a prefix of the whole, with the whole's size and SHA-256."""
+    assert whole.startswith(kept)
+    assert len(kept) < len(whole)
+    assert size == len(whole)
+    assert sha256 == hashlib.sha256(whole).hexdigest()
+
+
+def assert_kept(
+    orig: OriginalRecord, key: bytes | None, value: bytes | None, headers: list[Header]
+) -> None:
+    """Bit for bit where the dead letter kept a part whole; a described prefix where it cut it."""
+    if not orig.truncated:
+        assert_bit_for_bit(orig, key, value, headers)
+        return
+    assert (orig.value is not None and value is not None) or orig.value is value is None
+    if orig.value is not None and value is not None:
+        if orig.value_truncated:
+            assert_prefix_of(orig.value.raw(), value, orig.value_size, orig.value_sha256)
+        else:
+            assert orig.value.raw() == value
+    if orig.key is not None and key is not None:
+        if orig.key_truncated:
+            assert_prefix_of(orig.key.raw(), key, orig.key_size, orig.key_sha256)
+        else:
+            assert orig.key.raw() == key
+    if orig.headers_truncated:
+        assert orig.headers_count == len(headers)
+    for got, (name, raw) in zip(orig.headers, headers, strict=False):
+        assert got.key == name
+        if got.value_truncated:
+            assert got.value is not None
+            assert raw is not None
+            assert_prefix_of(got.value.raw(), raw, got.value_size, got.value_sha256)
+        else:
+            assert (got.value.raw() if got.value is not None else None) == raw
+
+
 def dead_letter_round_trip(
-    verdict: Rejected, key: bytes | None, value: bytes | None, headers: list[Header]
+    verdict: Rejected,
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[Header],
+    *,
+    max_bytes: int = DEFAULT_DEAD_LETTER_BYTES,
 ) -> DeadLetter:
     letter = build_dead_letter(
         reason=verdict.reason,
@@ -144,12 +189,14 @@ def dead_letter_round_trip(
         request_id=verdict.request_id,
         document_type_code=verdict.document_type_code,
         received_at=utcnow(),
+        max_bytes=max_bytes,
     )
+    assert dead_letter_bytes(letter) <= max_bytes
     wire = letter.model_dump_json().encode("utf-8")
     back = DeadLetter.model_validate_json(wire)
     assert back.reason is verdict.reason
     assert back.request_id == verdict.request_id
-    assert_bit_for_bit(back.original, key, value, headers)
+    assert_kept(back.original, key, value, headers)
     return back
 
 
@@ -255,13 +302,46 @@ def test_10_mb_record_with_a_valid_pdf_is_accepted() -> None:
     assert back.original.value.raw() == value
 
 
-def test_10_mb_record_over_the_record_limit_is_too_large_with_bytes_intact() -> None:
+def test_10_mb_record_over_the_record_limit_is_too_large_with_a_described_prefix() -> None:
     value = b"\xff" + os.urandom(10 * 1024 * 1024)  # not UTF-8 either: kept as base64
     verdict = judge(value, b"big-no", max_request_bytes=8 * 1024 * 1024)
     assert isinstance(verdict, Rejected)
     assert verdict.reason is DeadLetterReason.TOO_LARGE
     assert verdict.request_id == "big-no"
-    dead_letter_round_trip(verdict, b"big-no", value, [("traceparent", b"00-1-01")])
+    back = dead_letter_round_trip(verdict, b"big-no", value, [("traceparent", b"00-1-01")])
+    assert back.original.value_truncated
+    assert back.original.value is not None
+    assert back.original.value.encoding == "base64"
+    assert not back.original.key_truncated
+    assert not back.original.headers_truncated
+
+
+def test_10_mb_record_is_kept_whole_when_the_topic_takes_it() -> None:
+    value = b"\xff" + os.urandom(10 * 1024 * 1024)
+    verdict = judge(value, b"big-no", max_request_bytes=8 * 1024 * 1024)
+    assert isinstance(verdict, Rejected)
+    back = dead_letter_round_trip(
+        verdict, b"big-no", value, [("traceparent", b"00-1-01")], max_bytes=32 * 1024 * 1024
+    )
+    assert not back.original.truncated
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    value=st.one_of(st.none(), st.binary(max_size=6000), st.text(max_size=3000).map(str.encode)),
+    key=st.one_of(st.none(), st.binary(max_size=3000)),
+    headers=st.lists(
+        st.tuples(st.text(max_size=40), st.one_of(st.none(), st.binary(max_size=3000))),
+        max_size=8,
+    ),
+    max_bytes=st.integers(min_value=4096, max_value=12_000),
+)
+def test_any_record_fits_any_dead_letter_bound(
+    value: bytes | None, key: bytes | None, headers: list[Header], max_bytes: int
+) -> None:
+    verdict = judge(value, key)
+    if isinstance(verdict, Rejected):
+        dead_letter_round_trip(verdict, key, value, headers, max_bytes=max_bytes)
 
 
 def test_10_mb_document_over_the_document_limit_is_too_large() -> None:

@@ -14,8 +14,11 @@ from service import samples
 from service.intake import (
     MAX_JSON_DEPTH,
     Accepted,
+    RawHeader,
     Rejected,
     decoded_size_upper_bound,
+    envelope_problem,
+    header_bytes,
     key_as_request_id,
     original_record,
     parse_record,
@@ -438,3 +441,113 @@ def test_request_id_in_the_value_wins_over_the_key() -> None:
     )
     assert isinstance(too_big, Rejected)
     assert too_big.request_id == "k-1"
+
+
+# --------------------------------------------------------------------------- the envelope
+
+
+def judge(
+    value: bytes | dict[str, Any] | None,
+    *,
+    key: bytes | None = None,
+    headers: list[RawHeader] | None = None,
+    max_header_bytes: int = 1024,
+) -> Accepted | Rejected:
+    raw = json.dumps(value).encode() if isinstance(value, dict) else value
+    return parse_record(
+        raw,
+        max_request_bytes=MAX_REQUEST_BYTES,
+        max_document_bytes=MAX_DOCUMENT_BYTES,
+        key=key,
+        headers=headers or [],
+        max_header_bytes=max_header_bytes,
+    )
+
+
+def test_header_key_that_is_not_utf8_rejects_a_valid_request_with_its_ids() -> None:
+    verdict = judge(request(), headers=[("ok", b"1"), (b"\xff\xfe", b"v"), (b"x\xc3", None)])
+    assert isinstance(verdict, Rejected)
+    assert verdict.reason is DeadLetterReason.MALFORMED_RECORD
+    assert verdict.request_id == "req-1"
+    assert verdict.document_type_code == "invoice"
+    assert verdict.message.startswith("header key is not UTF-8 (header 2 of 3: bytes ff fe")
+    assert "and 1 more" in verdict.message
+
+
+def test_header_key_whose_bytes_were_lost_is_named_too() -> None:
+    verdict = judge(request(), headers=[(None, b"v")])
+    assert isinstance(verdict, Rejected)
+    assert verdict.reason is DeadLetterReason.MALFORMED_RECORD
+    assert "its bytes could not be recovered" in verdict.message
+
+
+def test_header_keys_given_as_utf8_bytes_are_fine() -> None:
+    assert isinstance(judge(request(), headers=[(b"trace", b"1"), ("caf\u00e9", b"2")]), Accepted)
+
+
+def test_headers_over_the_cap_are_too_large_and_at_the_cap_accepted() -> None:
+    at_cap: list[RawHeader] = [("k", b"v" * 1023)]
+    assert isinstance(judge(request(), headers=at_cap), Accepted)
+    over: list[RawHeader] = [("k", b"v" * 1023), ("x", None)]
+    verdict = judge(request(), headers=over)
+    assert isinstance(verdict, Rejected)
+    assert verdict.reason is DeadLetterReason.TOO_LARGE
+    assert verdict.request_id == "req-1"
+    assert "1025 bytes" in verdict.message
+    assert "BRIDGE_MAX_HEADER_BYTES=1024" in verdict.message
+
+
+def test_key_over_the_cap_is_too_large_with_the_request_id_of_the_value() -> None:
+    verdict = judge(request(), key=b"k" * 1025)
+    assert isinstance(verdict, Rejected)
+    assert verdict.reason is DeadLetterReason.TOO_LARGE
+    assert verdict.request_id == "req-1"
+    assert "record key is 1025 bytes, over BRIDGE_MAX_HEADER_BYTES=1024" in verdict.message
+    assert isinstance(judge(request(), key=b"k" * 1024), Accepted)
+
+
+def test_a_bad_value_keeps_its_reason_and_the_message_names_the_envelope_too() -> None:
+    verdict = judge(b"\xff not json", headers=[(b"\xff", b"v")])
+    assert isinstance(verdict, Rejected)
+    assert verdict.reason is DeadLetterReason.MALFORMED_RECORD
+    assert "not UTF-8 (byte 0)" in verdict.message
+    assert "also: header key is not UTF-8" in verdict.message
+
+
+def test_header_bytes_counts_keys_and_values() -> None:
+    assert (
+        header_bytes([("ab", b"cde"), (b"\xff", None), (None, b"xy"), ("\u00e9", "\u00e9")]) == 12
+    )
+
+
+def test_envelope_problem_is_none_for_a_plain_record() -> None:
+    assert envelope_problem(b"req-1", [("a", b"b")], max_header_bytes=64) is None
+
+
+def test_original_record_keeps_header_keys_that_are_not_utf8() -> None:
+    orig = original_record(
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=None,
+        key=None,
+        value=b"{}",
+        headers=[(b"\xff\xfe", b"v"), (None, b"w"), (b"ok", None)],
+    )
+    bad, lost, ok = orig.headers
+    assert bad.key == "\ufffd\ufffd"
+    assert bad.key_bytes is not None
+    assert bad.key_bytes.raw() == b"\xff\xfe"
+    assert bad.complete
+    assert lost.key_lost
+    assert not lost.complete
+    assert ok.key == "ok"
+    assert ok.key_bytes is None
+    # A lost key cannot be produced again; the others can (the bad one as replacement text).
+    assert orig.header_tuples() == [("\ufffd\ufffd", b"v"), ("ok", None)]
+    assert orig.truncated
+    wire = json.loads(orig.model_dump_json())
+    assert wire["headers"][0]["key_bytes"] == {"encoding": "base64", "data": "//4="}
+    assert wire["headers"][1]["key_lost"] is True
+    assert "key_bytes" not in wire["headers"][2]
+    assert "key_lost" not in wire["headers"][2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import typing
 from datetime import UTC, datetime, timedelta
@@ -27,13 +28,16 @@ from service.docutray import (
 )
 from service.fetch import FetchError
 from service.intake import original_record
-from service.messages import DeadLetter, DeadLetterReason
+from service.messages import DeadLetter, DeadLetterReason, EncodedBytes, OriginalRecord
 from service.outcomes import (
+    DEFAULT_DEAD_LETTER_BYTES,
     Verdict,
     build_dead_letter,
     build_result,
     classify_status_error,
     classify_submit_error,
+    dead_letter_bytes,
+    dead_letter_record,
     describe_error,
     safe_api_body,
 )
@@ -450,3 +454,148 @@ def test_build_result_without_data_or_timestamp() -> None:
 )
 def test_describe_error(exc: BaseException, expected: str) -> None:
     assert describe_error(exc) == expected
+
+
+# --------------------------------------------------------------------------- dead-letter bounds
+
+MiB = 1024 * 1024
+
+
+def _record(
+    *, key: bytes | None = b"k-1", value: bytes | None = b"{}", headers: Any = None
+) -> OriginalRecord:
+    return original_record(
+        topic="docutray.requests",
+        partition=0,
+        offset=7,
+        timestamp_ms=None,
+        key=key,
+        value=value,
+        headers=headers,
+    )
+
+
+def _letter(original: OriginalRecord, **kwargs: Any) -> DeadLetter:
+    kwargs.setdefault("request_id", None)
+    return build_dead_letter(
+        reason=DeadLetterReason.TOO_LARGE, message="too big", original=original, **kwargs
+    )
+
+
+def _whole(kept: EncodedBytes | None, whole: bytes, size: int | None, sha: str | None) -> None:
+    assert kept is not None
+    assert whole.startswith(kept.raw())
+    assert size == len(whole)
+    assert sha == hashlib.sha256(whole).hexdigest()
+
+
+def test_a_small_dead_letter_is_unchanged_and_has_no_truncation_fields() -> None:
+    letter = _letter(_record(headers=[("a", b"1")]))
+    assert not letter.original.truncated
+    wire = json.loads(dead_letter_record(letter)[1])
+    assert set(wire["original"]) == {
+        "topic",
+        "partition",
+        "offset",
+        "timestamp_ms",
+        "key",
+        "value",
+        "headers",
+    }
+    assert wire["original"]["headers"] == [
+        {"key": "a", "value": {"encoding": "utf-8", "data": "1"}}
+    ]
+
+
+def test_6_mib_of_control_bytes_fits_the_default_bound_with_a_described_prefix() -> None:
+    value = bytes(range(32)) * (6 * MiB // 32)  # valid UTF-8; JSON escapes it about 6-fold
+    letter = _letter(_record(value=value))
+    size = dead_letter_bytes(letter)
+    assert size <= DEFAULT_DEAD_LETTER_BYTES
+    assert size > DEFAULT_DEAD_LETTER_BYTES * 0.9  # what fits is kept
+    orig = DeadLetter.model_validate_json(dead_letter_record(letter)[1]).original
+    assert orig.value_truncated
+    assert orig.value is not None
+    assert orig.value.encoding == "utf-8"
+    _whole(orig.value, value, orig.value_size, orig.value_sha256)
+    assert not orig.key_truncated
+    assert orig.key is not None
+    assert orig.key.raw() == b"k-1"
+
+
+@pytest.mark.parametrize("max_bytes", [8 * 1024, 100 * 1024, MiB, 3 * MiB])
+def test_the_bound_is_a_parameter(max_bytes: int) -> None:
+    value = b"\xff" + bytes(range(256)) * (8 * MiB // 256)  # not UTF-8: base64
+    letter = _letter(_record(value=value), max_bytes=max_bytes)
+    assert max_bytes * 0.75 < dead_letter_bytes(letter) <= max_bytes
+    _whole(letter.original.value, value, letter.original.value_size, letter.original.value_sha256)
+
+
+def test_a_1_mb_key_never_becomes_the_dead_letters_kafka_key() -> None:
+    big_key = b"k" * 1_000_000
+    letter = _letter(_record(key=big_key))
+    key, _, _ = dead_letter_record(letter)
+    assert key is None
+    assert letter.original.key_truncated
+    _whole(letter.original.key, big_key, letter.original.key_size, letter.original.key_sha256)
+    assert dead_letter_bytes(letter) <= DEFAULT_DEAD_LETTER_BYTES
+    with_id = _letter(_record(key=big_key), request_id="req-9")
+    assert dead_letter_record(with_id)[0] == b"req-9"
+    small = _letter(_record(key=b"k" * 256))
+    assert dead_letter_record(small)[0] == b"k" * 256
+    assert dead_letter_record(_letter(_record(key=b"k" * 257)))[0] is None
+
+
+def test_a_4_mib_header_is_cut_and_left_out_of_the_kafka_headers() -> None:
+    headers = [("first", b"1"), ("big", b"\x00" * (4 * MiB)), ("after", b"2")]
+    letter = _letter(_record(headers=headers))
+    assert dead_letter_bytes(letter) <= DEFAULT_DEAD_LETTER_BYTES
+    orig = letter.original
+    assert orig.headers_truncated
+    assert orig.headers_count == 3
+    assert orig.headers_size == 5 + 1 + 3 + 4 * MiB + 5 + 1
+    first, big = orig.headers  # "after" does not fit any more
+    assert first.complete
+    assert big.value_truncated
+    _whole(big.value, b"\x00" * (4 * MiB), big.value_size, big.value_sha256)
+    # Only headers kept whole travel as Kafka headers of the dead letter.
+    assert dead_letter_record(letter)[2] == [("first", b"1")]
+
+
+def test_everything_hostile_at_once_still_fits() -> None:
+    headers = [(f"h{i}", b"\x01" * 100_000) for i in range(40)]
+    original = _record(key=b"\xff" * 1_000_000, value=b"\x00" * (6 * MiB), headers=headers)
+    letter = _letter(original)
+    assert dead_letter_bytes(letter) <= DEFAULT_DEAD_LETTER_BYTES
+    orig = letter.original
+    assert orig.value_truncated
+    assert orig.key_truncated
+    assert orig.headers_truncated
+    assert orig.truncated
+
+
+def test_cutting_a_cut_letter_again_keeps_the_whole_sizes() -> None:
+    value = b"x" * (3 * MiB)
+    first = _letter(_record(value=value), max_bytes=MiB)
+    again = _letter(first.original, max_bytes=64 * 1024)
+    assert dead_letter_bytes(again) <= 64 * 1024
+    _whole(again.original.value, value, again.original.value_size, again.original.value_sha256)
+
+
+def test_a_long_message_and_api_error_are_bounded_when_the_letter_is_cut() -> None:
+    exc = rejected("invalid_request", 400, message="m" * 50_000)
+    exc.body = {"message": "m" * 50_000, "errors": ["e" * 100] * 200}
+    letter = build_dead_letter(
+        reason=DeadLetterReason.INVALID_REQUEST,
+        message="x" * 100_000,
+        original=_record(value=b"v" * (2 * MiB)),
+        request_id="req-1",
+        error=exc,
+        max_bytes=64 * 1024,
+    )
+    assert dead_letter_bytes(letter) <= 64 * 1024
+    assert letter.message.endswith(
+        "(100000 characters in all) (DocuTray's error body, "
+        f"{len(json.dumps(safe_api_body(exc.body)))} bytes, is left out)"
+    )
+    assert letter.api_error is None
