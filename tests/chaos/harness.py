@@ -337,6 +337,11 @@ class Scenario:
             self.sample()
             time.sleep(min(0.25, max(0.0, end - time.monotonic())))  # wait-ok: fault duration
 
+    def resubmissions_by_process(self) -> dict[str, dict[str, float]]:
+        """``docutray_bridge_resubmissions_total`` by reason, per process incarnation sampled."""
+        self.sample()
+        return {f"{name} pid {pid}": dict(c) for (name, pid), c in self._resub.items()}
+
     def metric(self, proc: BridgeProcess, name: str, **labels: str) -> float:
         """One metric of one replica (0 when it does not answer)."""
         try:

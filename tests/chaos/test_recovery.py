@@ -93,8 +93,8 @@ def test_kill9_and_restart_under_the_same_id_recovers_without_rebalance_wait(
             s.hold(rng.uniform(1.0, 3.0), "steady work before the kill")
             owned = set(assigned_partitions(r1))
             assert owned == set(owners["r1"]), f"r1's partitions moved: {owned} vs {owners}"
+            s.kill(r1)  # returns once the process is gone
             killed_at = time.time()
-            s.kill(r1)
             s.restart(r1)
             took = _recovery_s(
                 s, tail, load, owned, killed_at, f"round {round_}: an outcome on r1's partitions"
@@ -201,8 +201,8 @@ def test_kill9_then_a_new_name_costs_session_and_transaction_timeouts(
         s.wait_until(lambda: len(tail.seen) >= 10, 30, "the load produces outcomes")
         s.hold(2.0, "steady work before the kill")
         owned = set(owners["r1"])
-        killed_at = time.time()
         s.kill(r1)
+        killed_at = time.time()
         r3 = s.bridge("r3", BRIDGE_INSTANCE_ID="r3")
         took = _recovery_s(
             s, tail, load, owned, killed_at, "an outcome on the dead r1's partitions"
