@@ -60,6 +60,11 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 RELEASE = "rel"
 NAMESPACE = "docs"
 FULLNAME = f"{RELEASE}-docutray-bridge"
+HEADLESS = f"{FULLNAME}-headless"
+# The chart's defaults plus the one required value (the API key's Secret): what render()
+# uses when a test names no values file.
+DEFAULT_VALUES = CHART / "ci" / "default-values.yaml"
+WORKLOAD_KINDS = {"StatefulSet", "Deployment"}
 ALERTS = {
     "DocutrayBridgeInvalidApiKey",
     "DocutrayBridgeDeadLetterRateHigh",
@@ -116,15 +121,18 @@ def _render(values_files: tuple[str, ...], sets: tuple[str, ...]) -> tuple[str, 
 
 
 def render(*values_files: Path | str, sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """helm template → the rendered objects; fails the test when rendering fails."""
-    out, rc, err = _render(tuple(str(f) for f in values_files), sets)
+    """helm template → the rendered objects; fails the test when rendering fails.
+
+    No values file: ci/default-values.yaml (a bare install fails: no API key)."""
+    files = values_files or (DEFAULT_VALUES,)
+    out, rc, err = _render(tuple(str(f) for f in files), sets)
     assert rc == 0, f"helm template failed:\n{err}"
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-def render_error(*sets: str) -> str:
+def render_error(*sets: str, values_file: Path | None = DEFAULT_VALUES) -> str:
     """helm template that must fail → its error text."""
-    out, rc, err = _render((), sets)
+    out, rc, err = _render((str(values_file),) if values_file else (), sets)
     assert rc != 0, f"helm template should have failed with {sets}, rendered:\n{out[:500]}"
     return err
 
@@ -141,8 +149,15 @@ def kinds(docs: list[dict[str, Any]]) -> list[str]:
     return sorted(d["kind"] for d in docs)
 
 
+def workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The StatefulSet (or, with workload.kind=Deployment, the Deployment)."""
+    found = [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+    assert len(found) == 1, f"expected one workload, got {kinds(found)}"
+    return found[0]
+
+
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    spec = workload(docs)["spec"]["template"]["spec"]
     containers: list[dict[str, Any]] = spec["containers"]
     assert len(containers) == 1
     return containers[0]
@@ -181,7 +196,7 @@ def scrape_text() -> str:
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
 def test_chart_renders_and_validates_against_kubernetes_schemas(values: Path) -> None:
     docs = render(values)
-    assert "Deployment" in kinds(docs)
+    assert len(WORKLOAD_KINDS & set(kinds(docs))) == 1
     for doc in docs:
         where = f"{values.name}: {doc['kind']}/{doc['metadata']['name']}"
         if doc["kind"] in CRD_KINDS:
@@ -217,7 +232,7 @@ def test_crd_schemas_reject_a_broken_object() -> None:
 
 
 def test_kubernetes_schema_check_catches_a_typo() -> None:
-    deployment = json.loads(json.dumps(one(render(), "Deployment")))
+    deployment = json.loads(json.dumps(workload(render())))
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBE_VERSIONS[-1], strict=True)
@@ -226,27 +241,47 @@ def test_kubernetes_schema_check_catches_a_typo() -> None:
 def test_fullname_is_cut_to_63_characters() -> None:
     long_name = "x" * 70
     docs = render(sets=(f"fullnameOverride={long_name}",))
-    assert one(docs, "Deployment")["metadata"]["name"] == "x" * 63
+    # A StatefulSet's pods carry controller-revision-hash=<name>-<10 characters>: 52 + 11.
+    assert workload(docs)["metadata"]["name"] == "x" * 52
+    assert one(docs, "Service", "x" * 63)
+    assert one(docs, "Service", "x" * 54 + "-headless")
 
 
 # --- Helm: what each option renders ----------------------------------------------------
 
 
-def test_default_deployment_is_hardened_and_probed() -> None:
+def test_default_statefulset_is_hardened_and_probed() -> None:
     docs = render()
     assert kinds(docs) == [
         "ConfigMap",
         "ConfigMap",
-        "Deployment",
         "PodDisruptionBudget",
-        "Secret",
+        "Service",
         "Service",
         "ServiceAccount",
+        "StatefulSet",
     ]
-    deployment = one(docs, "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
+    sts = one(docs, "StatefulSet", FULLNAME)
+    pod = sts["spec"]["template"]["spec"]
     c = container(docs)
-    assert deployment["spec"]["replicas"] == 2
+    assert sts["spec"]["replicas"] == 2
+    # Stable replica names: the pod name (release-docutray-bridge-<ordinal>) is the instance id.
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["serviceName"] == HEADLESS
+    assert sts["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    assert "volumeClaimTemplates" not in sts["spec"]
+    assert env_of(docs)["BRIDGE_INSTANCE_ID"] == {
+        "name": "BRIDGE_INSTANCE_ID",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    }
+    headless = one(docs, "Service", HEADLESS)
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    # No ports: a ServiceMonitor selecting the chart's labels never scrapes a pod twice.
+    assert "ports" not in headless["spec"]
+    # No service-link variables (a Service named kafka-ui would inject KAFKA_UI_*).
+    assert pod["enableServiceLinks"] is False
     assert pod["terminationGracePeriodSeconds"] == 25 + 5
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
@@ -266,11 +301,11 @@ def test_default_deployment_is_hardened_and_probed() -> None:
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     assert {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}} in pod["volumes"]
     assert env_of(docs)["TMPDIR"]["value"] == "/tmp"
-    # The API key comes from the chart's Secret; no Redis configured, so no REDIS_URL.
+    # The API key comes from the operator's Secret; no Redis configured, so no REDIS_URL.
     env = env_of(docs)
     assert env["DOCUTRAY_API_KEY"]["valueFrom"]["secretKeyRef"] == {
-        "name": FULLNAME,
-        "key": "DOCUTRAY_API_KEY",
+        "name": "docutray-api",
+        "key": "api-key",
     }
     assert "REDIS_URL" not in env
     assert c["envFrom"] == [{"configMapRef": {"name": FULLNAME}}]
@@ -278,14 +313,16 @@ def test_default_deployment_is_hardened_and_probed() -> None:
     assert data["BRIDGE_EXPECTED_REPLICAS"] == "2"
     assert data["BRIDGE_METRICS_PORT"] == "9400"
     assert data["BRIDGE_SHUTDOWN_GRACE_S"] == "25"
-    # The Service selects the Deployment's pods on the metrics port.
-    service = one(docs, "Service")
-    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    # The Service selects the StatefulSet's pods on the metrics port.
+    service = one(docs, "Service", FULLNAME)
+    assert service["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    # Drains never stall on unready pods (every pod is unready while DocuTray is down).
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"] == {
         "maxUnavailable": 1,
-        "selector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]},
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        "selector": {"matchLabels": sts["spec"]["selector"]["matchLabels"]},
     }
 
 
@@ -311,7 +348,7 @@ def test_existing_api_key_secret_creates_no_secret() -> None:
         "name": "docutray-api",
         "key": "api-key",
     }
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = workload(docs)["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "docutray-bridge"
     assert container(docs)["image"].endswith("@sha256:" + "0123456789abcdef" * 4)
 
@@ -327,7 +364,7 @@ def test_chart_created_secret_holds_the_api_key_and_redis_url() -> None:
     env = env_of(docs)
     assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": FULLNAME, "key": "REDIS_URL"}
     # No secret leaks into the ConfigMap or the pod template.
-    plain = yaml.safe_dump([config_data(docs), one(docs, "Deployment")])
+    plain = yaml.safe_dump([config_data(docs), workload(docs)])
     assert "s3cr3t" not in plain
     assert "dt_test_key" not in plain
     assert config_data(docs)["BRIDGE_EXPECTED_REPLICAS"] == "3"
@@ -371,7 +408,7 @@ def test_kafka_config_keys_must_be_kafka_variables() -> None:
 def test_service_monitor_and_prometheus_rule() -> None:
     docs = render(CHART / "ci" / "monitoring-values.yaml")
     monitor = one(docs, "ServiceMonitor")
-    service = one(docs, "Service")
+    service = one(docs, "Service", FULLNAME)
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
@@ -398,15 +435,15 @@ def test_prometheus_rule_keeps_rule_severity_over_extra_labels() -> None:
     assert {r["labels"]["severity"] for r in rules} == {"warning", "critical"}
 
 
-def test_hpa_scales_the_deployment() -> None:
+def test_hpa_scales_the_statefulset() -> None:
     docs = render(CHART / "ci" / "hpa-values.yaml")
     hpa = one(docs, "HorizontalPodAutoscaler")
-    deployment = one(docs, "Deployment")
-    assert "replicas" not in deployment["spec"]
+    sts = one(docs, "StatefulSet")
+    assert "replicas" not in sts["spec"]
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": deployment["metadata"]["name"],
+        "kind": "StatefulSet",
+        "name": sts["metadata"]["name"],
     }
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 12)
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu", "memory"]
@@ -418,11 +455,15 @@ def test_hpa_scales_the_deployment() -> None:
 def test_keda_scales_on_lag_and_pending_backlog() -> None:
     docs = render(CHART / "ci" / "keda-values.yaml")
     scaled = one(docs, "ScaledObject")
-    assert "replicas" not in one(docs, "Deployment")["spec"]
+    assert "replicas" not in one(docs, "StatefulSet")["spec"]
     assert "HorizontalPodAutoscaler" not in kinds(docs)
     spec = scaled["spec"]
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 8)
-    assert spec["scaleTargetRef"]["name"] == FULLNAME
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": FULLNAME,
+    }
     triggers = {t["type"]: t for t in spec["triggers"]}
     assert set(triggers) == {"kafka", "prometheus"}
     kafka = triggers["kafka"]["metadata"]
@@ -455,7 +496,8 @@ def test_keda_scales_on_lag_and_pending_backlog() -> None:
             ("autoscaling.enabled=true", "autoscaling.minReplicas=5", "autoscaling.maxReplicas=3"),
             "minReplicas is more than",
         ),
-        (("autoscaling.enabled=true", "autoscaling.type=vpa"), "hpa or keda"),
+        # values.schema.json refuses it before the template's own check does.
+        (("autoscaling.enabled=true", "autoscaling.type=vpa"), "one of 'hpa', 'keda'"),
         (("docutray.apiKey=k", "docutray.existingSecret=s"), "not both"),
     ],
 )
@@ -465,7 +507,7 @@ def test_rendering_fails_on_impossible_values(sets: tuple[str, ...], message: st
 
 def test_more_replicas_than_partitions_when_allowed() -> None:
     docs = render(CHART / "ci" / "standby-replicas-values.yaml")
-    assert one(docs, "Deployment")["spec"]["replicas"] == 4
+    assert workload(docs)["spec"]["replicas"] == 4
     assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
     allowed = render(
         sets=(
@@ -493,7 +535,7 @@ def _notes(tmp_path: Path, *values_files: Path) -> str:
     (chart / "templates" / "notes-check.yaml").write_text(wrapped)
     args = ["template", RELEASE, str(chart), "-n", NAMESPACE]
     args += ["--kube-version", HELM_KUBE_VERSION, "--show-only", "templates/notes-check.yaml"]
-    for f in values_files:
+    for f in values_files or (DEFAULT_VALUES,):
         args += ["-f", str(f)]
     proc = helm(*args)
     assert proc.returncode == 0, proc.stderr
@@ -501,14 +543,207 @@ def _notes(tmp_path: Path, *values_files: Path) -> str:
     return notes
 
 
-def test_install_notes_warn_about_missing_key_and_redis(tmp_path: Path) -> None:
+def test_install_notes_warn_about_redis_and_a_deployment(tmp_path: Path) -> None:
     notes = _notes(tmp_path)
     assert f"port-forward svc/{FULLNAME} 9400" in notes
-    assert "WARNING: no DocuTray API key" in notes
     assert "2 replicas without Redis" in notes
+    assert "workload.kind=Deployment" not in notes
     configured = _notes(tmp_path / "b", CHART / "ci" / "redis-values.yaml")
-    assert "WARNING" not in configured
-    assert "without Redis" not in configured
+    assert "NOTE" not in configured
+    deployment = _notes(tmp_path / "c", CHART / "ci" / "deployment-values.yaml")
+    assert "NOTE: workload.kind=Deployment" in deployment
+    assert "without Redis" not in deployment
+
+
+# --- Helm: real clusters (required key, schema, StatefulSet/Deployment, secrets, files) -
+
+
+def test_install_without_an_api_key_fails_at_render_time() -> None:
+    err = render_error(values_file=None)
+    assert "a DocuTray API key is required: set docutray.existingSecret" in err
+    # One line of explanation, not a template dump.
+    assert len([line for line in err.splitlines() if line.strip()]) <= 2, err
+
+
+@pytest.mark.parametrize(
+    ("sets", "where"),
+    [
+        (("replicaCont=3",), "'replicaCont' not allowed"),
+        (("redis.passwordSecret.nmae=x",), "'nmae' not allowed"),
+        (("settings.BRIDGE_MAX_PENDNG=5",), "'BRIDGE_MAX_PENDNG' not allowed"),
+        (("workload.kind=DaemonSet",), "workload"),
+        (("kafka.inputPartitions=zero",), "inputPartitions"),
+        (("extraVolumeMounts[0].name=ca",), "mountPath"),
+    ],
+)
+def test_values_schema_refuses_a_misspelt_or_wrong_value(sets: tuple[str, ...], where: str) -> None:
+    err = render_error(*sets)
+    assert "values don't meet the specifications of the schema" in err
+    assert where in err
+
+
+def test_values_schema_declares_every_value_and_setting() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def undeclared(vals: dict[str, Any], sch: dict[str, Any], path: str) -> list[str]:
+        out = []
+        for key, value in vals.items():
+            prop = sch.get("properties", {}).get(key)
+            if prop is None:
+                out.append(path + key)
+            elif isinstance(value, dict) and "properties" in prop:
+                out += undeclared(value, prop, f"{path}{key}.")
+        return out
+
+    assert undeclared(values, schema, "") == []
+    # `settings` is closed: its names are the ones values.yaml lists (every bridge setting).
+    assert set(schema["properties"]["settings"]["properties"]) == set(values["settings"]), (
+        "values.schema.json settings differ from values.yaml settings"
+    )
+
+
+def test_deployment_kind_keeps_working() -> None:
+    docs = render(CHART / "ci" / "deployment-values.yaml")
+    deployment = one(docs, "Deployment", FULLNAME)
+    assert "StatefulSet" not in kinds(docs)
+    assert [d for d in docs if d["metadata"]["name"] == HEADLESS] == []
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert one(docs, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": FULLNAME,
+    }
+    assert env_of(docs)["BRIDGE_INSTANCE_ID"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.name"}
+    }
+    assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+def _expanded(env: list[dict[str, Any]], name: str, values: dict[str, str]) -> str:
+    """A variable's value after Kubernetes' $(VAR) expansion (variables defined before it)."""
+    names = [e["name"] for e in env]
+    value = str(env[names.index(name)]["value"])
+    for earlier in names[: names.index(name)]:
+        value = value.replace(f"$({earlier})", values.get(earlier, f"$({earlier})"))
+    return value
+
+
+@pytest.mark.parametrize(
+    ("values", "url"),
+    [
+        ("strimzi-values.yaml", "redis://:{pw}@docutray-redis-master.redis.svc:6379/0"),
+        (
+            "deployment-values.yaml",
+            "rediss://:{pw}@docutray-redis-master.redis.svc:6379/0"
+            "?ssl_ca_certs=/etc/redis-ca/ca.crt",
+        ),
+    ],
+)
+def test_redis_password_from_an_existing_secret_key(values: str, url: str) -> None:
+    """Bitnami's Secret holds only `redis-password`: the pod completes REDIS_URL with it."""
+    from redis.asyncio import Redis
+
+    docs = render(CHART / "ci" / values)
+    env = container(docs)["env"]
+    names = [e["name"] for e in env]
+    assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")
+    assert env[names.index("REDIS_PASSWORD")]["valueFrom"]["secretKeyRef"] == {
+        "name": "docutray-redis",
+        "key": "redis-password",
+    }
+    assert "Secret" not in kinds(docs)  # no copy of any password in the chart's objects
+    password = "Xy7pQ2mN9aBc"  # Bitnami-style: alphanumeric
+    expanded = _expanded(env, "REDIS_URL", {"REDIS_PASSWORD": password})
+    assert expanded == url.format(pw=password)
+    settings = Settings(REDIS_URL=expanded)  # type: ignore[call-arg]
+    assert settings.redis == expanded
+    client = Redis.from_url(expanded)
+    assert client.connection_pool.connection_kwargs["password"] == password
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("redis.passwordSecret.name=r",), "redis.passwordSecret needs redis.url"),
+        (
+            ("redis.passwordSecret.name=r", "redis.url=redis://:pw@h:6379/0"),
+            "without a user or password",
+        ),
+        (
+            ("redis.passwordSecret.name=r", "redis.url=redis://h:6379", "redis.existingSecret=s"),
+            "not both",
+        ),
+    ],
+)
+def test_redis_password_secret_misuse_fails(sets: tuple[str, ...], message: str) -> None:
+    assert message in render_error(*sets)
+
+
+def test_extra_env_value_from_and_extra_volumes_for_strimzi() -> None:
+    docs = render(CHART / "ci" / "strimzi-values.yaml")
+    c = container(docs)
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    assert env_of(docs)["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "docutray-bridge",
+        "key": "password",
+    }
+    assert {"name": "kafka-ca", "mountPath": "/etc/kafka-ca", "readOnly": True} in c["volumeMounts"]
+    assert {
+        "name": "kafka-ca",
+        "secret": {
+            "secretName": "my-cluster-cluster-ca-cert",
+            "items": [{"key": "ca.crt", "path": "ca.crt"}],
+        },
+    } in pod["volumes"]
+    # The CA file the bridge is told about is the one mounted.
+    assert config_data(docs)["KAFKA_SSL_CA_LOCATION"] == "/etc/kafka-ca/ca.crt"
+    # The password never lands in the ConfigMap.
+    assert "KAFKA_SASL_PASSWORD" not in config_data(docs)
+
+
+EXAMPLES = ("strimzi-values.yaml", "confluent-cloud-values.yaml", "msk-values.yaml")
+
+
+@pytest.mark.parametrize("values", EXAMPLES)
+def test_cluster_examples_use_sasl_ssl_and_only_librdkafka_properties(values: str) -> None:
+    """Every KAFKA_* variable an example sets is one the bridge accepts at start-up."""
+    from service.config import check_kafka_passthrough
+
+    docs = render(CHART / "ci" / values)
+    data = config_data(docs)
+    assert data["KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert data["KAFKA_SASL_MECHANISM"] in {"SCRAM-SHA-512", "PLAIN"}
+    env = {k: v for k, v in data.items() if k.startswith("KAFKA_")}
+    # The credentials, as their Secrets give them at run time.
+    env["KAFKA_SASL_USERNAME"] = env.get("KAFKA_SASL_USERNAME", "user")
+    env["KAFKA_SASL_PASSWORD"] = "from-a-secret"
+    check_kafka_passthrough(env)
+    c = container(docs)
+    from_secrets = {e["name"] for e in c["env"] if "valueFrom" in e}
+    from_secrets |= (
+        {"KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"} if len(c["envFrom"]) > 1 else set()
+    )
+    assert "KAFKA_SASL_PASSWORD" in from_secrets
+
+
+def test_msk_example_says_iam_is_not_supported() -> None:
+    text = (CHART / "ci" / "msk-values.yaml").read_text()
+    assert "IAM" in text
+    assert "NOT supported" in text
+
+
+def test_runbook_url_base_is_configurable() -> None:
+    docs = render(
+        sets=(
+            "prometheusRule.enabled=true",
+            "prometheusRule.runbookUrlBase=https://wiki.example.com/ops/docutray-bridge/",
+        )
+    )
+    rules = [r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    assert {r["annotations"]["runbook_url"] for r in rules} == {
+        f"https://wiki.example.com/ops/docutray-bridge#runbook-{r['alert'].lower()}" for r in rules
+    }
 
 
 # --- Helm: the ConfigMap and the bridge's settings agree -------------------------------
@@ -563,10 +798,10 @@ def test_overridden_settings_render_as_the_bridge_reads_them() -> None:
     assert parsed.shutdown_grace_s == 42.5
     assert parsed.metrics_port == 9500
     assert parsed.expected_replicas == 5
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = workload(docs)["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 43 + 5
     assert container(docs)["ports"][0]["containerPort"] == 9500
-    assert one(docs, "Service")["spec"]["ports"][0]["port"] == 9500
+    assert one(docs, "Service", FULLNAME)["spec"]["ports"][0]["port"] == 9500
 
 
 def test_chart_version_matches_the_package() -> None:
@@ -829,6 +1064,8 @@ def _dockerfile_stages() -> list[list[str]]:
             continue
         if line.upper().startswith("FROM "):
             stages.append([])
+        elif not stages:
+            continue  # the global ARGs before the first FROM (BASE_IMAGE)
         stages[-1].append(line)
     return stages
 
@@ -843,10 +1080,12 @@ def test_dockerfile_conventions() -> None:
     stages = _dockerfile_stages()
     assert len(stages) == 2
     builder, final = stages
-    base = re.compile(r"^FROM python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}\b")
-    assert base.match(builder[0])
-    assert base.match(final[0])
-    assert " AS builder" in builder[0]
+    # Both stages on one base, ARG BASE_IMAGE; its default is the pinned official image.
+    default = re.search(r"(?m)^ARG BASE_IMAGE=(\S+)$", (ROOT / "Dockerfile").read_text())
+    assert default, "no ARG BASE_IMAGE default"
+    assert re.match(r"^python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}$", default[1])
+    assert builder[0] == "FROM ${BASE_IMAGE} AS builder"
+    assert final[0] == "FROM ${BASE_IMAGE}"
     joined = "\n".join(final)
     assert "USER 10001:10001" in final
     assert 'ENTRYPOINT ["docutray-bridge"]' in final

@@ -23,6 +23,22 @@ already contains the chart name; cut to 63 characters.
 {{- end }}
 
 {{/*
+Name of the StatefulSet (or Deployment): the full name cut to 52 characters, since a
+StatefulSet's pods carry a controller-revision-hash label of `<name>-<10 characters>`
+that must fit in 63.
+*/}}
+{{- define "docutray-bridge.workloadName" -}}
+{{- include "docutray-bridge.fullname" . | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Name of the StatefulSet's headless governing Service.
+*/}}
+{{- define "docutray-bridge.headlessName" -}}
+{{- printf "%s-headless" (include "docutray-bridge.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
 Chart name and version for the helm.sh/chart label.
 */}}
 {{- define "docutray-bridge.chart" -}}
@@ -111,11 +127,29 @@ Key of REDIS_URL inside its Secret.
 {{- end }}
 
 {{/*
+Whether REDIS_URL goes into the chart's Secret ("true" or ""): given as a value whose
+password is not completed from redis.passwordSecret.
+*/}}
+{{- define "docutray-bridge.redisUrlInSecret" -}}
+{{- if and .Values.redis.url (not .Values.redis.existingSecret) (not .Values.redis.passwordSecret.name) }}true{{ end }}
+{{- end }}
+
+{{/*
+REDIS_URL completed with the password of redis.passwordSecret at container start:
+scheme://host... becomes scheme://:$(REDIS_PASSWORD)@host... (Kubernetes expands
+$(REDIS_PASSWORD) from the variable defined before REDIS_URL).
+*/}}
+{{- define "docutray-bridge.redisUrlWithPassword" -}}
+{{- $parts := splitn "://" 2 .Values.redis.url }}
+{{- printf "%s://:$(REDIS_PASSWORD)@%s" $parts._0 $parts._1 }}
+{{- end }}
+
+{{/*
 Whether the chart creates its own Secret ("true" or ""): for the API key when no
-existing Secret is named, and for REDIS_URL when given as a value.
+existing Secret is named, and for REDIS_URL when given as a value with its password.
 */}}
 {{- define "docutray-bridge.createSecret" -}}
-{{- if or (not .Values.docutray.existingSecret) (and .Values.redis.url (not .Values.redis.existingSecret)) }}true{{ end }}
+{{- if or (not .Values.docutray.existingSecret) (include "docutray-bridge.redisUrlInSecret" .) }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -168,9 +202,26 @@ chart values first, then `settings` and `kafka.config` (which win).
 {{- end }}
 
 {{/*
-Fail rendering on combinations that cannot work. Included by the Deployment.
+Fail rendering on combinations that cannot work. Included by the workload.
 */}}
 {{- define "docutray-bridge.validate" -}}
+{{- if not (has .Values.workload.kind (list "StatefulSet" "Deployment")) }}
+{{- fail (printf "workload.kind must be StatefulSet or Deployment, not %q" (toString .Values.workload.kind)) }}
+{{- end }}
+{{- if and (not .Values.docutray.apiKey) (not .Values.docutray.existingSecret) }}
+{{- fail "a DocuTray API key is required: set docutray.existingSecret to a Secret holding it (key: docutray.existingSecretKey, default api-key), or docutray.apiKey" }}
+{{- end }}
+{{- if .Values.redis.passwordSecret.name }}
+{{- if not .Values.redis.url }}
+{{- fail "redis.passwordSecret needs redis.url (without the password), e.g. redis://my-redis-master:6379/0" }}
+{{- end }}
+{{- if .Values.redis.existingSecret }}
+{{- fail "set redis.passwordSecret or redis.existingSecret, not both" }}
+{{- end }}
+{{- if not (regexMatch "^rediss?://[^@/]+(/.*)?$" .Values.redis.url) }}
+{{- fail "with redis.passwordSecret, redis.url is redis://host:port/db or rediss://host:port/db, without a user or password" }}
+{{- end }}
+{{- end }}
 {{- $partitions := .Values.kafka.inputPartitions | int }}
 {{- if lt $partitions 1 }}
 {{- fail "kafka.inputPartitions must be at least 1" }}
