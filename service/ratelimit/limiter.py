@@ -41,13 +41,19 @@ Priority (status polls before new submissions, issue 14 item 5):
   most for the permit already reserved, not behind the submit queue.
 - Across replicas: GCRA hands out reservations first come, first served, so
   with one reservation each, N saturated replicas get 1/N of the budget each,
-  whatever they spend it on. A replica whose *status* callers queue (more
-  than one waiting) may hold up to ``priority_depth`` reservations at once
-  (one per waiting poll), so it gets ``k/(k+N-1)`` of the permits while its
-  polls are due, taken from the other replicas' submissions, and falls back
-  to one as soon as its polls are served. Nothing is over-issued (each
-  reservation is an ordinary GCRA slot), and the other replicas are slowed,
-  never stopped. Reservations void by a 429 are dropped.
+  whatever they spend it on. A replica whose polls fall behind (the oldest
+  has waited ``priority_after_s``, default 2 s, the detection target) may hold up to
+  ``priority_depth`` reservations at once (one per waiting poll, taken in
+  the same round trip as the confirm), so it gets ``k/(k+N-1)`` of the
+  permits while its polls are due, taken from the other replicas'
+  submissions, and falls back to one as soon as its polls are served.
+  Nothing is over-issued (each reservation is an ordinary GCRA slot), the
+  other replicas are slowed, never stopped, and reservations a 429 voids are
+  dropped. Deeper holds lengthen the queue for every replica (measured: a
+  fixed depth of 4 cost ~15 % of the budget at the end of short runs), hence
+  the trigger. A Redis-side "priority window" that made submit-only
+  replicas skip turns was considered and left out: the skipped slots are
+  wasted unless someone fills them at once, and the depth already does that.
 
 If Redis fails, the limiter runs every lane on :class:`LocalBackend` at
 ``configured / expected_replicas`` until a background probe sees Redis answer
@@ -188,6 +194,7 @@ class _Waiter:
     budget: Budget
     deadline: float | None
     future: asyncio.Future[None]
+    since: float = 0.0
 
 
 @dataclass(eq=False)
@@ -312,6 +319,7 @@ class Limiter:
         submit_rate_per_hour: float | None = None,
         submit_rate_per_day: float | None = None,
         priority_depth: int = 4,
+        priority_after_s: float = 2.0,
         gate_recheck_s: float = 1.0,
         default_long_hold_s: float = 60.0,
     ) -> None:
@@ -339,6 +347,7 @@ class Limiter:
         self._per_hour = submit_rate_per_hour or 0.0
         self._per_day = submit_rate_per_day or 0.0
         self._priority_depth = priority_depth if shared_budget else 1
+        self._priority_after_s = priority_after_s
         self._max_ahead_slots = 2 * expected_replicas * priority_depth + 16
         self._gate_recheck_s = gate_recheck_s
         self._default_long_hold_s = default_long_hold_s
@@ -373,7 +382,7 @@ class Limiter:
         if deadline is not None and self._provably_late(lane, budget, start, deadline):
             self._emit("timeout", budget=budget)
             raise LimiterTimeout(f"no {budget} permit before the deadline")
-        waiter = _Waiter(budget, deadline, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(budget, deadline, asyncio.get_running_loop().create_future(), start)
         lane.queues[budget].append(waiter)
         self._start(lane)
         lane.wakeup.set()
@@ -589,12 +598,15 @@ class Limiter:
                 lane.held.clear()
                 await asyncio.sleep(0.1)
 
-    def _depth(self, lane: _Lane, servable: dict[Budget, int]) -> int:
+    def _depth(self, lane: _Lane, servable: dict[Budget, int], now: float) -> int:
         """How many reservations to hold: one per waiting poll, up to ``priority_depth``, on a
-        shared lane whose polls queue; otherwise one (see "Priority" in the module docstring)."""
-        total = sum(servable.values())
+        shared lane whose oldest poll has waited ``priority_after_s``; otherwise one (see
+        "Priority" in the module docstring). Deeper holds cost every replica latency, so they
+        are kept for polls that really fall behind."""
         polls = servable.get("status", 0) if lane.picker is not None else 0
-        return max(1, min(total, polls, self._priority_depth))
+        if polls == 0 or now - lane.queues["status"][0].since < self._priority_after_s:
+            return 1
+        return max(1, min(sum(servable.values()), polls, self._priority_depth))
 
     async def _dispatch_once(self, lane: _Lane) -> None:
         lane.wakeup.clear()
@@ -603,37 +615,32 @@ class Limiter:
         if not servable:
             await self._idle(lane, now)
             return
-        depth = self._depth(lane, servable)
-        holding = False
-        if len(lane.held) >= depth:
+        depth = self._depth(lane, servable, now)
+        holding = bool(lane.held) and lane.held[0] <= now
+        if holding:
+            lane.held.popleft()
+        elif len(lane.held) >= depth:
             # Wait for the earliest reservation (a new caller may change the depth meanwhile).
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, lane.held[0] - now)):
+                async with asyncio.timeout(lane.held[0] - now):
                     await lane.wakeup.wait()
-                    return
-            now = time.monotonic()
-            lane.held.popleft()
-            servable = lane.servable(now)
-            if not servable:
-                return  # everyone gave up: the permit goes unused
-            holding = True
-        # Step 3: confirm the held permit and/or reserve the next one.
+            return
+        # Step 3: confirm the held permit and/or top the reservations up, in one round trip.
         remaining = sum(servable.values()) - (1 if holding else 0)
-        want_slot = not holding or len(lane.held) < min(remaining, self._depth(lane, servable))
-        permits = (1 if holding else 0) + (1 if want_slot else 0)
-        plan = lane.plan(servable, permits)
+        slots = max(0, min(remaining, depth) - len(lane.held))
+        plan = lane.plan(servable, (1 if holding else 0) + slots)
         answer = await self._reserve(
-            lane, want_slot=want_slot, holding=holding, plan=plan if lane.carries_submits else None
+            lane, slots=slots, holding=holding, plan=plan if lane.carries_submits else None
         )
         now = time.monotonic()
         self._take_answer(lane, answer, now)
         usable = 1 if holding and now >= lane.blocked_until else 0
         if answer.reserved_in_s is not None:
-            at = now + answer.reserved_in_s
-            if answer.reserved_in_s <= 0 and now >= lane.blocked_until:
-                usable += 1  # the script checked the block: it is ours now
-            else:
-                lane.held.append(max(at, lane.blocked_until))
+            for reserved_in in (answer.reserved_in_s, *answer.more_in_s):
+                if reserved_in <= 0 and now >= lane.blocked_until:
+                    usable += 1  # the script checked the block: it is ours now
+                else:
+                    lane.held.append(max(now + reserved_in, lane.blocked_until))
         lane.grant(now, usable, submit_permits=answer.submits_granted)
 
     async def _idle(self, lane: _Lane, now: float) -> None:
@@ -651,7 +658,7 @@ class Limiter:
             async with asyncio.timeout(timeout):
                 await lane.wakeup.wait()
                 return
-        answer = await self._reserve(lane, want_slot=False, holding=False, plan="")
+        answer = await self._reserve(lane, slots=0, holding=False, plan="")
         self._take_answer(lane, answer, time.monotonic())
 
     def _take_answer(self, lane: _Lane, answer: Answer, now: float) -> None:
@@ -683,9 +690,7 @@ class Limiter:
     def _local_rate(self, lane: _Lane) -> float:
         return lane.configured_per_minute / self._share()
 
-    async def _reserve(
-        self, lane: _Lane, *, want_slot: bool, holding: bool, plan: str | None
-    ) -> Answer:
+    async def _reserve(self, lane: _Lane, *, slots: int, holding: bool, plan: str | None) -> Answer:
         want_increase, lane.want_increase = lane.want_increase, False
         if self._redis is not None and not self._degraded:
             try:
@@ -694,7 +699,8 @@ class Limiter:
                         lane.name,
                         configured_per_minute=lane.configured_per_minute,
                         burst=self._burst,
-                        want_slot=want_slot,
+                        want_slot=slots > 0,
+                        extra_slots=max(0, slots - 1),
                         want_increase=want_increase,
                         holding=holding,
                         plan=plan,
@@ -708,7 +714,8 @@ class Limiter:
             lane.name,
             configured_per_minute=self._local_rate(lane),
             burst=self._burst,
-            want_slot=want_slot,
+            want_slot=slots > 0,
+            extra_slots=max(0, slots - 1),
             want_increase=want_increase,
             holding=holding,
             plan=plan,
@@ -865,6 +872,7 @@ def build_limiter(
     submit_rate_per_hour: float | None = None,
     submit_rate_per_day: float | None = None,
     priority_depth: int = 4,
+    priority_after_s: float = 2.0,
 ) -> Limiter:
     """The limiter for this replica: shared through Redis when ``redis_url`` is set, else local.
 
@@ -896,4 +904,5 @@ def build_limiter(
         submit_rate_per_hour=submit_rate_per_hour,
         submit_rate_per_day=submit_rate_per_day,
         priority_depth=priority_depth,
+        priority_after_s=priority_after_s,
     )

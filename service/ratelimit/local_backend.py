@@ -77,6 +77,7 @@ class LocalBackend:
         per_hour: float = 0.0,
         per_day: float = 0.0,
         max_ahead_slots: int = 64,
+        extra_slots: int = 0,
     ) -> Answer:
         """Same contract as the Redis acquire script."""
         state = self._lanes.get(lane) or lane_initial(configured_per_minute)
@@ -94,6 +95,7 @@ class LocalBackend:
             per_hour=per_hour,
             per_day=per_day,
             max_ahead_slots=max_ahead_slots,
+            extra_slots=extra_slots,
         )
         self._lanes[lane] = state
         if gate is not None:

@@ -255,6 +255,8 @@ class Answer:
     reserved_in_s: float | None
     blocked_for_s: float
     effective_per_minute: float
+    more_in_s: tuple[float, ...] = ()
+    """When the call asked for extra slots: how long until each of them is ours, in order."""
     submits_granted: int = 0
     """How many of the permits usable now may carry a submission (gate room was taken)."""
     submit_wait_s: float = 0.0
@@ -316,8 +318,10 @@ def acquire_step(
     want_increase: bool,
     params: AimdParams,
     max_ahead_slots: int = 64,
+    extra_slots: int = 0,
 ) -> tuple[LaneState, Answer]:
-    """One call of the acquire script on a lane: optionally raise the rate, optionally reserve.
+    """One call of the acquire script on a lane: optionally raise the rate, optionally reserve
+    (one slot, plus ``extra_slots`` more in the same call when ``want_slot``).
 
     A reservation made while the lane is blocked lands after the block ends.
     ``max_ahead_slots`` bounds how far ahead of the block's end (or now) a TAT
@@ -330,14 +334,20 @@ def acquire_step(
             aimd, now=now, configured_per_minute=configured_per_minute, params=params
         )
     tat = state.tat
-    reserved_in: float | None = None
+    reserved: list[float] = []
     if want_slot:
         start = max(now, state.blocked_until)
         interval, tolerance = gcra_shape(aimd.effective_per_minute, burst)
         tat = clamp_tat(tat, start, interval, tolerance + max_ahead_slots)
-        allowed_at, tat = gcra(start, tat, interval, tolerance)
-        reserved_in = allowed_at - now
-    answer = Answer(reserved_in, max(0.0, state.blocked_until - now), aimd.effective_per_minute)
+        for _ in range(1 + extra_slots):
+            allowed_at, tat = gcra(start, tat, interval, tolerance)
+            reserved.append(allowed_at - now)
+    answer = Answer(
+        reserved[0] if reserved else None,
+        max(0.0, state.blocked_until - now),
+        aimd.effective_per_minute,
+        more_in_s=tuple(reserved[1:]),
+    )
     return LaneState(tat, aimd, state.blocked_until, state.seen), answer
 
 
@@ -368,11 +378,11 @@ def usable_permits(answer: Answer, *, holding: bool) -> int:
     """How many permits one acquire call makes usable at once.
 
     The held one (``holding``) when no block voids it, plus the new
-    reservation when it is due already.
+    reservations that are due already.
     """
     usable = 1 if holding and answer.blocked_for_s <= 0 else 0
-    if answer.reserved_in_s is not None and answer.reserved_in_s <= 0:
-        usable += 1
+    if answer.reserved_in_s is not None:
+        usable += sum(1 for r in (answer.reserved_in_s, *answer.more_in_s) if r <= 0)
     return usable
 
 
@@ -511,6 +521,7 @@ def reserve_step(
     per_hour: float = 0.0,
     per_day: float = 0.0,
     max_ahead_slots: int = 64,
+    extra_slots: int = 0,
 ) -> tuple[LaneState, GateState | None, Answer]:
     """The whole acquire script: :func:`acquire_step` on the lane, then, for a lane that
     carries submissions (``gate`` not None), :func:`gate_step` for the permits usable now.
@@ -529,6 +540,7 @@ def reserve_step(
         want_increase=want_increase,
         params=params,
         max_ahead_slots=max_ahead_slots,
+        extra_slots=extra_slots,
     )
     if gate is None:
         return state, None, answer

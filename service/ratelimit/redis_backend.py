@@ -141,7 +141,7 @@ ACQUIRE_LUA: Final = (
     + _GATE
     + """
 local burst = tonumber(ARGV[11])
-local want_slot = ARGV[12] == '1'
+local slots = tonumber(ARGV[12])
 local want_increase = ARGV[13] == '1'
 local holding = ARGV[14] == '1'
 local plan = ARGV[15]
@@ -162,25 +162,31 @@ if want_increase and now - changed >= p_interval and eff < configured then
   eff = new
   changed = now
 end
-local reserved_in = -1
-if want_slot then
+local reserved = {}
+if slots > 0 then
   -- gcra from the block's end at the earliest, after clamp_tat
   local interval, b = shape(eff, burst, 60)
   local start = math.max(now, blocked)
   if tat > start + (b + max_ahead) * interval then tat = start end
-  local allowed_at
-  allowed_at, tat = gcra_at(start, tat, interval, b)
-  reserved_in = allowed_at - now
+  for i = 1, slots do
+    local allowed_at
+    allowed_at, tat = gcra_at(start, tat, interval, b)
+    reserved[i] = allowed_at - now
+  end
 end
 save()
 local blocked_for = math.max(0, blocked - now)
+local reply = {fmt(reserved[1] or -1), fmt(blocked_for), fmt(eff), 0, fmt(0), ''}
+for i = 2, slots do reply[5 + i] = fmt(reserved[i]) end
 if plan == '-' then
-  return {fmt(reserved_in), fmt(blocked_for), fmt(eff), 0, fmt(0), ''}
+  return reply
 end
 -- usable_permits, then gate_step
 local usable = 0
 if holding and blocked_for <= 0 then usable = usable + 1 end
-if want_slot and reserved_in <= 0 then usable = usable + 1 end
+for i = 1, slots do
+  if reserved[i] <= 0 then usable = usable + 1 end
+end
 local wanted = 0
 for i = 1, math.min(usable, string.len(plan)) do
   if string.sub(plan, i, i) == 's' then wanted = wanted + 1 end
@@ -219,7 +225,10 @@ if per_day > 0 then
   if at > ready then ready = at; reason = 'budget_day' end
 end
 gate_save()
-return {fmt(reserved_in), fmt(blocked_for), fmt(eff), granted, fmt(ready - now), reason}
+reply[4] = granted
+reply[5] = fmt(ready - now)
+reply[6] = reason
+return reply
 """
 )
 
@@ -337,6 +346,7 @@ class RedisBackend:
         per_hour: float = 0.0,
         per_day: float = 0.0,
         max_ahead_slots: int = 64,
+        extra_slots: int = 0,
         now: float | None = None,
     ) -> Answer:
         """Run the acquire script (:func:`~service.ratelimit.policy.reserve_step`).
@@ -345,7 +355,8 @@ class RedisBackend:
         submissions); ``now`` overrides Redis TIME (tests only).
         """
         args = self._common(configured_per_minute=configured_per_minute, now=now)
-        args += [burst, int(want_slot), int(want_increase), int(holding)]
+        slots = 1 + extra_slots if want_slot else 0
+        args += [burst, slots, int(want_increase), int(holding)]
         args += ["-" if plan is None else plan, repr(per_hour), repr(per_day)]
         args += [max_ahead_slots]
         keys = [lane_key(self._prefix, lane), lane_key(self._prefix, GATE_KEY)]
@@ -358,6 +369,7 @@ class RedisBackend:
             submits_granted=int(reply[3]),
             submit_wait_s=float(reply[4]),
             submit_reason=_text(reply[5]),
+            more_in_s=tuple(float(r) for r in reply[6:]),
         )
 
     async def rate_limited(
