@@ -473,11 +473,74 @@ def test_keda_scales_on_lag_and_pending_backlog() -> None:
     assert kafka["allowIdleConsumers"] == "false"
     assert triggers["kafka"]["authenticationRef"] == {"name": "docutray-kafka-auth"}
     query = triggers["prometheus"]["metadata"]["query"]
-    assert query == (
-        f'sum(docutray_bridge_pending_conversions{{namespace="{NAMESPACE}",job="{FULLNAME}"}})'
-    )
+    sel = f'namespace="{NAMESPACE}",job="{FULLNAME}"'
+    assert query.startswith(f"sum(docutray_bridge_pending_conversions{{{sel}}}) unless on ()")
     assert triggers["prometheus"]["metadata"]["threshold"] == "100"
+    assert triggers["prometheus"]["metadata"]["ignoreNullValues"] == "true"
     assert unknown_metrics([query], scrape_text()) == set()
+    # Status calls spend the submit budget too when it is shared.
+    assert "status_calls_total" not in query
+    shared = render(CHART / "ci" / "keda-values.yaml", sets=("settings.BRIDGE_SHARED_BUDGET=true",))
+    shared_query = next(
+        t for t in one(shared, "ScaledObject")["spec"]["triggers"] if t["type"] == "prometheus"
+    )["metadata"]["query"]
+    assert "docutray_bridge_status_calls_total" in shared_query
+    no_lag = render(CHART / "ci" / "keda-values.yaml", sets=("autoscaling.keda.lagTrigger=false",))
+    assert [t["type"] for t in one(no_lag, "ScaledObject")["spec"]["triggers"]] == ["prometheus"]
+
+
+def test_keda_pending_query_ignores_a_backlog_that_only_reflects_the_budget(
+    tmp_path: Path,
+) -> None:
+    """promtool evaluates the rendered query: 500 pending while the deployment spends its whole
+    submit budget reads as nothing (more replicas would not convert faster); the same backlog
+    while the budget has room reads as 500."""
+    keda = one(render(CHART / "ci" / "keda-values.yaml"), "ScaledObject")
+    query = next(t for t in keda["spec"]["triggers"] if t["type"] == "prometheus")["metadata"][
+        "query"
+    ]
+    labels = f'namespace="{NAMESPACE}", job="{FULLNAME}", instance="a"'
+
+    def case(submissions_per_min: int, expect: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": f'docutray_bridge_pending_conversions{{{labels}, state="queued"}}',
+                    "values": "500x30",
+                },
+                {
+                    "series": f'docutray_bridge_submissions_total{{{labels}, outcome="accepted",'
+                    ' status_class="2xx"}',
+                    "values": f"0+{submissions_per_min}x30",
+                },
+                {
+                    "series": "docutray_bridge_limiter_effective_rate_per_second"
+                    f'{{{labels}, budget="submit"}}',
+                    "values": "1x30",
+                },
+                # Another release's backlog is not this one's.
+                {
+                    "series": 'docutray_bridge_pending_conversions{namespace="other", '
+                    'job="x", instance="b", state="queued"}',
+                    "values": "900x30",
+                },
+            ],
+            "promql_expr_test": [{"expr": query, "eval_time": "20m", "exp_samples": expect}],
+        }
+
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            case(60, []),  # 1 submission/s of a 1/s budget: budget-bound
+            case(12, [{"labels": "{}", "value": 500}]),  # 0.2/s: room left, scale on it
+        ],
+    }
+    path = tmp_path / "keda.test.yaml"
+    path.write_text(yaml.safe_dump(tests))
+    proc = promtool("test", "rules", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(
