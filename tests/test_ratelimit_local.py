@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -293,3 +294,131 @@ def test_bad_settings_are_rejected() -> None:
         local_limiter(0.0)
     with pytest.raises(ValueError, match="status_share"):
         local_limiter(60.0, status_share=1.0)
+
+
+# -- the submit gate: hour/day budgets, hour/day 429s, pauses --------------------------
+
+
+async def test_an_hour_budget_holds_submissions_but_not_polls() -> None:
+    # 40 per hour, burst 5 -> GCRA burst 2 (a twentieth of 40), then one per ~95 s.
+    limiter = local_limiter(6000.0, shared=True, submit_rate_per_hour=40.0)
+    try:
+        for _ in range(2):
+            assert await limiter.acquire("submit", deadline=time.monotonic() + 1.0) < 0.1
+        start = time.monotonic()
+        with pytest.raises(LimiterTimeout):
+            await limiter.acquire("submit", deadline=start + 0.5)
+        assert time.monotonic() - start < 0.6
+        hold = limiter.submit_hold
+        assert hold is not None
+        assert hold.reason == "budget_hour"
+        assert hold.for_s == pytest.approx(3600 / 38, abs=1.0)
+        for _ in range(10):  # polls are not counted against the hour
+            assert await limiter.acquire("status", deadline=time.monotonic() + 1.0) < 0.1
+        # ...and a submit whose deadline is before the window's room fails at once.
+        start = time.monotonic()
+        with pytest.raises(LimiterTimeout):
+            await limiter.acquire("submit", deadline=start + 5.0)
+        assert time.monotonic() - start < 0.05
+    finally:
+        await limiter.close()
+
+
+async def test_a_day_budget_counts_together_with_the_hour() -> None:
+    limiter = local_limiter(6000.0, submit_rate_per_hour=400.0, submit_rate_per_day=40.0, burst=5)
+    try:
+        granted = 0
+        for _ in range(6):
+            try:
+                await limiter.acquire("submit", deadline=time.monotonic() + 0.3)
+            except LimiterTimeout:
+                break
+            granted += 1
+        assert granted == 2  # the day's burst (a twentieth of 40), though the hour has room
+        assert limiter.submit_hold is not None
+        assert limiter.submit_hold.reason == "budget_day"
+    finally:
+        await limiter.close()
+
+
+async def test_an_hour_429_holds_submissions_until_its_reset_and_polls_go_on() -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    limiter = local_limiter(6000.0, shared=True, events=events)
+    try:
+        reset_at = time.time() + 0.6
+        await limiter.on_rate_limited(
+            "submit", retry_after_s=30.0, limit_type="hour", reset_at=reset_at
+        )
+        assert limiter.effective_rate_per_minute("submit") == 6000.0  # no decrease
+        assert limiter.submit_hold is not None
+        assert limiter.submit_hold.reason == "rate_limit_hour"
+        start = time.monotonic()
+        await limiter.acquire("status")
+        assert time.monotonic() - start < 0.05
+        await limiter.acquire("submit")
+        assert time.time() == pytest.approx(reset_at, abs=0.1)
+        assert limiter.submit_hold is None
+    finally:
+        await limiter.close()
+    assert (
+        "rate_limited",
+        {"budget": "submit", "hold_s": pytest.approx(0.6, abs=0.05), "decreased": False},
+    ) in events
+    assert (
+        "submit_hold",
+        {"reason": "rate_limit_hour", "for_s": pytest.approx(0.6, abs=0.05)},
+    ) in events
+
+
+async def test_a_day_429_without_reset_time_falls_back_to_retry_after() -> None:
+    limiter = local_limiter(6000.0)
+    try:
+        await limiter.on_rate_limited("submit", retry_after_s=0.3, limit_type="DAY")
+        start = time.monotonic()
+        await limiter.acquire("submit")
+        assert time.monotonic() - start == pytest.approx(0.3, abs=0.06)
+    finally:
+        await limiter.close()
+
+
+async def test_a_pause_holds_submissions_until_resumed_with_its_reason() -> None:
+    limiter = local_limiter(6000.0, shared=True)
+    try:
+        hold = await limiter.pause_submissions("quota_exhausted")
+        assert hold is not None
+        assert hold.reason == "quota_exhausted"
+        assert hold.for_s == math.inf
+        assert limiter.submit_hold == hold
+        assert limiter.describe()["submit_held"] == {"reason": "quota_exhausted", "for_s": None}
+        start = time.monotonic()
+        with pytest.raises(LimiterTimeout):
+            await limiter.acquire("submit", deadline=start + 0.2)
+        assert time.monotonic() - start < 0.05  # provably late: fails at once
+        await limiter.acquire("status", deadline=time.monotonic() + 0.1)
+        waiting_submit = asyncio.create_task(limiter.acquire("submit"))
+        assert await limiter.resume_submissions("something_else") == hold
+        await asyncio.sleep(0.2)  # wait-ok: proving the submit is still held
+        assert not waiting_submit.done()
+        assert await limiter.resume_submissions("quota_exhausted") is None
+        resumed_at = time.monotonic()
+        await asyncio.wait_for(waiting_submit, 1.0)
+        assert time.monotonic() - resumed_at < 0.1
+        assert await limiter.read_submit_hold() is None
+    finally:
+        await limiter.close()
+
+
+async def test_a_timed_pause_ends_by_itself() -> None:
+    limiter = local_limiter(6000.0)
+    try:
+        until = time.time() + 0.4
+        hold = await limiter.pause_submissions("quota_exhausted", until=until)
+        assert hold is not None
+        assert hold.for_s == pytest.approx(0.4, abs=0.05)
+        await limiter.acquire("submit")
+        assert time.time() == pytest.approx(until, abs=0.1)
+        assert await limiter.pause_submissions("quota_exhausted", until=time.time() - 1) is None
+        with pytest.raises(ValueError, match="reason"):
+            await limiter.pause_submissions("")
+    finally:
+        await limiter.close()
