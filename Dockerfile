@@ -2,33 +2,56 @@
 #
 #   docker build -t docutray-bridge .
 #   docker run --rm docutray-bridge --help
+#   make image        (scripts/image: docker or podman, and a Debian-made base when no
+#                      registry can be reached; see the README's "Container image")
 #
 # Stage 1 builds the project's wheel and installs it with its dependencies (binary
 # wheels only, pinned by constraints.txt when present) into a virtualenv at /opt/venv.
-# Stage 2 is the same slim Python with that virtualenv copied in: no compiler, no pip,
+# Stage 2 is the same base with that virtualenv copied in: no compiler, no pip,
 # no source tree. It runs as the unprivileged user 10001 and writes nothing outside
 # $TMPDIR (/tmp), so it works with a read-only root filesystem (mount /tmp writable).
-# The base image is pinned by version tag and digest; bump both together.
+#
+# BASE_IMAGE: any Debian bookworm image with Python 3.11 as `python3.11` on PATH. The
+# default is the official slim image, pinned by version tag and digest (bump both
+# together); scripts/image passes a base built from Debian's packages
+# (deploy/image/debian-python.Dockerfile) where no registry answers. Nothing here depends
+# on where the interpreter lives (/usr/local/bin or /usr/bin): the venv's does.
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS builder
+FROM ${BASE_IMAGE} AS builder
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-# constraints.tx[t]: copied when present, without failing when absent.
-COPY pyproject.toml README.md constraints.tx[t] ./
-COPY service/ service/
+# pip for the build lives in its own venv (/opt/build, never copied): the official image
+# ships pip, Debian's python3.11 does not (python3.11-venv brings ensurepip).
+RUN python3.11 -m venv /opt/build \
+ && python3.11 -m venv --without-pip /opt/venv
 
-RUN python -m venv --without-pip /opt/venv \
- && python -m pip wheel --no-deps --wheel-dir /wheels . \
+# Dependencies first, in their own layer: a change to service/ does not download them again.
+# constraints.tx[t]: copied when present, without failing when absent.
+# The optional build secret `pip-ca` is a CA bundle for pip (behind a TLS-inspecting proxy:
+# scripts/image passes the host's); it is mounted for one step, never stored in a layer.
+COPY pyproject.toml constraints.tx[t] ./
+RUN --mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca.crt \
+    if [ -s /run/secrets/pip-ca.crt ]; then export PIP_CERT=/run/secrets/pip-ca.crt; fi \
+ && /opt/build/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
  && if [ -f constraints.txt ]; then set -- --constraint constraints.txt; fi \
- && python -m pip --python /opt/venv/bin/python install --only-binary=:all: "$@" /wheels/*.whl \
+ && /opt/build/bin/pip --python /opt/venv/bin/python install --only-binary=:all: "$@" --requirement /tmp/requirements.txt
+
+COPY README.md ./
+COPY service/ service/
+RUN --mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca.crt \
+    if [ -s /run/secrets/pip-ca.crt ]; then export PIP_CERT=/run/secrets/pip-ca.crt; fi \
+ && /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels . \
+ && /opt/build/bin/pip --python /opt/venv/bin/python install --no-deps /wheels/*.whl \
+ && /opt/build/bin/pip --python /opt/venv/bin/python check \
  && /opt/venv/bin/docutray-bridge --help > /dev/null
 
 
-FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+FROM ${BASE_IMAGE}
 
 LABEL org.opencontainers.image.title="docutray-bridge" \
       org.opencontainers.image.description="Kafka bridge to DocuTray's asynchronous OCR API" \
@@ -44,7 +67,8 @@ COPY --from=builder /opt/venv /opt/venv
 ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    TMPDIR=/tmp
+    TMPDIR=/tmp \
+    DEMO_DIR=/tmp/docutray-demo
 
 USER 10001:10001
 # /metrics, /healthz, /readyz (BRIDGE_METRICS_PORT).
