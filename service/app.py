@@ -183,6 +183,8 @@ async def run_bridge(settings: Settings) -> int:
         expected_replicas=settings.expected_replicas,
         key_prefix=f"docutray-bridge:{settings.group_id}:",
         on_event=_on_limiter_event,
+        submit_rate_per_hour=settings.submit_rate_per_hour or None,
+        submit_rate_per_day=settings.submit_rate_per_day or None,
     )
     for budget in metrics.BUDGETS:
         metrics.LIMITER_CONFIGURED_RATE.labels(budget).set(

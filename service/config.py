@@ -217,6 +217,12 @@ class Settings(BaseSettings):
         default=False, validation_alias=AliasChoices("BRIDGE_SHARED_BUDGET")
     )
     rate_burst: int = Field(default=5, ge=1, validation_alias=AliasChoices("BRIDGE_RATE_BURST"))
+    submit_rate_per_hour: float = Field(
+        default=0.0, ge=0, validation_alias=AliasChoices("BRIDGE_SUBMIT_RATE_PER_HOUR")
+    )
+    submit_rate_per_day: float = Field(
+        default=0.0, ge=0, validation_alias=AliasChoices("BRIDGE_SUBMIT_RATE_PER_DAY")
+    )
     expected_replicas: int = Field(
         default=1, ge=1, validation_alias=AliasChoices("BRIDGE_EXPECTED_REPLICAS")
     )

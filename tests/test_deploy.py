@@ -1369,3 +1369,28 @@ def test_shell_snippets_in_the_docs_name_real_files() -> None:
     assert charts
     for chart in charts:
         assert (ROOT / chart / "Chart.yaml").is_file(), chart
+
+
+# --- docs/production.md ----------------------------------------------------------------
+
+PRODUCTION_DOC = ROOT / "docs" / "production.md"
+
+
+def test_production_doc_is_linked_and_its_references_exist() -> None:
+    readme = OPERATIONS_DOC.read_text(encoding="utf-8")
+    assert "](docs/production.md)" in readme
+    doc = PRODUCTION_DOC.read_text(encoding="utf-8")
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", doc, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", doc)
+    assert links, "expected a table of contents"
+    assert set(links) <= anchors, set(links) - anchors
+    named = set(re.findall(r"ci/([\w-]+-values\.yaml)", doc))
+    assert {"strimzi-values.yaml", "confluent-cloud-values.yaml", "msk-values.yaml"} <= named
+    for name in named:
+        assert (CHART / "ci" / name).is_file(), name
+    # The YAML examples (KafkaUser, KafkaTopic) parse.
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    assert {yaml.safe_load(b)["kind"] for b in blocks} == {"KafkaUser", "KafkaTopic"}
+    # Every setting the doc names is one the bridge reads.
+    for name in set(re.findall(r"\b(BRIDGE_[A-Z_]+|DOCUTRAY_[A-Z_]+)\b", doc)):
+        assert name in _aliases(), name
