@@ -198,13 +198,13 @@ def envelope_problem(
         return (
             DeadLetterReason.TOO_LARGE,
             f"record key is {key_size} bytes, over BRIDGE_MAX_HEADER_BYTES={max_header_bytes} "
-            "(the limit of the key, and of the headers together); key requests by request id",
+            "(which bounds the key, and the headers together); key requests by their request id",
         )
     size = header_bytes(headers)
     if size > max_header_bytes:
         return (
             DeadLetterReason.TOO_LARGE,
-            f"record headers take {size} bytes (keys and values of {len(headers)} headers), over "
+            f"record headers take {size} bytes (keys and values, {len(headers)} in all), over "
             f"BRIDGE_MAX_HEADER_BYTES={max_header_bytes}; put large data in the request or "
             "behind a URL",
         )

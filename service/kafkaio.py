@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import queue
 import threading
@@ -58,9 +59,16 @@ from service.dedupe import (
     parse_dedupe_value,
 )
 from service.errors import BridgeError
-from service.intake import Accepted, original_record, parse_record
+from service.intake import (
+    DEFAULT_MAX_HEADER_BYTES,
+    Accepted,
+    RawHeader,
+    Rejected,
+    original_record,
+    parse_record,
+)
 from service.messages import DeadLetterReason, DocumentRequest, OriginalRecord, utcnow
-from service.outcomes import build_dead_letter
+from service.outcomes import DEFAULT_DEAD_LETTER_BYTES, build_dead_letter, dead_letter_record
 from service.pending import Entry, Limits, Unreadable, entries_from_values, new_entry
 from service.restore import StateReader
 
@@ -493,24 +501,48 @@ class KafkaIO:
             self._consumer_().seek(TopicPartition(msg.topic() or "", partition, offset))
             return
         self._offsets_dirty = True
-        ts_type, ts = msg.timestamp()
-        original = original_record(
-            topic=msg.topic() or self._s.input_topic,
-            partition=partition,
-            offset=offset,
-            timestamp_ms=ts if ts_type != 0 else None,
-            key=msg.key(),
-            value=msg.value(),
-            headers=msg.headers(),
-        )
-        headers = original.header_tuples()
-        verdict = parse_record(
-            msg.value(),
-            max_request_bytes=self._s.max_request_bytes,
-            max_document_bytes=self._s.max_document_bytes,
-            key=msg.key(),
-        )
         epoch = self._epochs.get(partition, 0)
+        ts_type, ts = msg.timestamp()
+        topic = msg.topic() or self._s.input_topic
+        # Until KafkaSettings carries them: BRIDGE_MAX_HEADER_BYTES and the dead-letter topic's
+        # record limit (issue 11 item 3).
+        max_header_bytes: int = getattr(self._s, "max_header_bytes", DEFAULT_MAX_HEADER_BYTES)
+        dead_letter_max: int = getattr(self._s, "dead_letter_max_bytes", DEFAULT_DEAD_LETTER_BYTES)
+        try:
+            headers = self._read_headers(msg)
+            original = original_record(
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                timestamp_ms=ts if ts_type != 0 else None,
+                key=msg.key(),
+                value=msg.value(),
+                headers=headers,
+            )
+            verdict: Accepted | Rejected = parse_record(
+                msg.value(),
+                max_request_bytes=self._s.max_request_bytes,
+                max_document_bytes=self._s.max_document_bytes,
+                key=msg.key(),
+                headers=headers,
+                max_header_bytes=max_header_bytes,
+            )
+        except Exception as exc:  # no record may end the thread: it gets a dead letter instead
+            log.exception("record_unreadable", partition=partition, offset=offset)
+            original = original_record(
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                timestamp_ms=None,
+                key=msg.key(),
+                value=msg.value(),
+                headers=None,
+            )
+            verdict = Rejected(
+                DeadLetterReason.MALFORMED_RECORD,
+                f"the bridge could not read this record ({type(exc).__name__}: {exc}); "
+                "its headers are left out",
+            )
         if not isinstance(verdict, Accepted):
             metrics.REQUESTS_CONSUMED.labels("rejected").inc()
             letter = build_dead_letter(
@@ -520,35 +552,75 @@ class KafkaIO:
                 request_id=verdict.request_id,
                 document_type_code=verdict.document_type_code,
                 received_at=utcnow(),
+                max_bytes=dead_letter_max,
             )
             log.warning(
                 "request_rejected",
                 request_id=verdict.request_id,
                 reason=verdict.reason.value,
-                detail=verdict.message,
+                detail=verdict.message[:1000],
                 partition=partition,
                 offset=offset,
+                truncated=letter.original.truncated,
                 action="dead-lettered; fix the producer and replay with "
                 "`docutray-bridge dead-letters replay`",
             )
-            key = verdict.request_id.encode() if verdict.request_id else msg.key()
+            key, value, out_headers = dead_letter_record(letter)
             self._batch.append(
                 Effect(
                     partition=partition,
                     epoch=epoch,
-                    records=[
-                        OutRecord(
-                            self._s.dead_letter_topic,
-                            key,
-                            letter.model_dump_json().encode(),
-                            headers,
-                        )
-                    ],
+                    records=[OutRecord(self._s.dead_letter_topic, key, value, out_headers)],
                     dead_letter_reason=verdict.reason.value,
                 )
             )
             return
         self._judge_accepted(verdict, original, partition, offset, epoch)
+
+    @staticmethod
+    def _read_headers(msg: Message) -> list[RawHeader]:
+        """The record's headers, also when confluent-kafka cannot decode a header key.
+
+        confluent-kafka (2.16 and earlier, ``c_headers_to_py``) decodes each key
+        with ``PyUnicode_FromString`` and ignores a failure: a key that is not
+        UTF-8 makes ``headers()`` raise SystemError after caching a list in which
+        that header's tuple has an empty key slot (reading the slot crashes the
+        interpreter). No API gives the raw header bytes. So, on SystemError: read
+        the cached list, each tuple only through what the garbage collector sees
+        (never the empty slot), and take the first bad key's bytes from the
+        UnicodeDecodeError behind the SystemError. Later bad keys failed while that
+        error was pending, so their bytes are lost: their key is None.
+        """
+        try:
+            read = msg.headers()
+        except SystemError as exc:
+            failure: BaseException = exc
+        else:
+            return list(read.items() if isinstance(read, dict) else read or [])
+        first_bad: bytes | None = None
+        seen: set[int] = set()
+        cause: BaseException | None = failure
+        while cause is not None and id(cause) not in seen:  # the deepest is the first failure
+            seen.add(id(cause))
+            if isinstance(cause, UnicodeDecodeError):
+                first_bad = bytes(cause.object)
+            cause = cause.__cause__ or cause.__context__
+        try:
+            cached = msg.headers()  # the half-built list, cached by the failed call
+        except SystemError:
+            cached = None
+        if not cached:
+            return [(None, None)]  # nothing readable: judged as an unreadable header key
+        headers: list[RawHeader] = []
+        for pair in cached:
+            slots = gc.get_referents(pair)  # skips empty slots, unlike pair[0]
+            if len(slots) == 2:
+                headers.append((pair[0], pair[1]))
+            else:
+                value = slots[0] if slots and not isinstance(slots[0], str) else None
+                headers.append((first_bad, value))
+                first_bad = None
+        return headers
 
     def _judge_accepted(
         self, verdict: Accepted, original: OriginalRecord, partition: int, offset: int, epoch: int
