@@ -9,6 +9,7 @@ share of the limit) is ``bench/limiter_share.py``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 import time
@@ -19,6 +20,8 @@ import httpx
 import pytest
 
 from bench.limiter_share import ReplicaProcess
+from service.docutray import DocuTrayClient, RateLimited
+from service.ratelimit import Limiter, LimiterTimeout, build_limiter
 from service.ratelimit.policy import gcra_shape
 from tests.fixtures.emulator import PDF_BYTES, EmulatorStarter, RunningEmulator
 from tests.fixtures.stack import new_id, wait_for
@@ -150,3 +153,78 @@ def test_a_429_blocks_all_replicas_at_once_and_lowers_the_rate_once(
     # Five 429s, one decrease: the retry window gates the multiplicative decrease.
     for r in replicas:
         assert r.of("done")[0]["effective_per_minute"] == pytest.approx(0.7 * overdrive * limit)
+
+
+async def test_an_hour_window_429_holds_both_replicas_submissions_until_its_reset(
+    emulator_factory: EmulatorStarter, redis_url: str
+) -> None:
+    """Two replicas' limiters (one Redis) submit through the real client to an emulator whose
+    hour window is 3 s long (6 calls): after an hour 429 neither replica submits again before
+    the window's resetTime, so 429s stay a handful instead of every other call."""
+    emulator = emulator_factory(
+        rate_limit_per_hour=6, rate_limit_hour_window_s=3.0, processing_median_s=0.2
+    )
+    prefix = f"{new_id('emuhour')}:"
+    limiters = [
+        build_limiter(
+            redis_url=redis_url,
+            submit_rate_per_minute=600.0,
+            status_rate_per_minute=600.0,
+            shared_budget=False,
+            burst=5,
+            expected_replicas=2,
+            key_prefix=prefix,
+        )
+        for _ in range(2)
+    ]
+    data_b64 = base64.b64encode(PDF_BYTES).decode()
+    accepted: list[float] = []
+    refused: list[tuple[float, float | None]] = []
+    kinds: set[str | None] = set()
+    stop = time.monotonic() + 8.0
+
+    async def caller(limiter: Limiter, client: DocuTrayClient) -> None:
+        while True:
+            try:
+                await limiter.acquire("submit", deadline=stop)
+            except LimiterTimeout:
+                return
+            try:
+                await client.submit_base64(data_b64=data_b64, document_type_code="invoice")
+                accepted.append(time.time())
+            except RateLimited as exc:
+                reset = exc.reset_at.timestamp() if exc.reset_at else None
+                refused.append((time.time(), reset))
+                kinds.add(exc.limit_type)
+                await limiter.on_rate_limited(
+                    "submit",
+                    retry_after_s=exc.retry_after_s,
+                    limit_type=exc.limit_type,
+                    reset_at=exc.reset_at,
+                )
+
+    clients = [
+        DocuTrayClient(base_url=emulator.base_url, api_key=emulator.api_key) for _ in range(2)
+    ]
+    try:
+        await asyncio.gather(
+            *(
+                caller(lim, cli)
+                for lim, cli in zip(limiters, clients, strict=True)
+                for _ in range(4)
+            )
+        )
+    finally:
+        for cli in clients:
+            await cli.aclose()
+        for lim in limiters:
+            await lim.close()
+    assert kinds == {"hour"}
+    # Without the shared hold: 10 calls/s for 8 s against 2 calls/s allowed, ~60 refused.
+    assert len(accepted) >= 12, (len(accepted), len(refused))
+    assert 1 <= len(refused) <= 16, (len(accepted), len(refused))
+    # Nothing was sent between a 429 and the reset it named (the calls then in flight aside).
+    for at, reset in refused:
+        assert reset is not None
+        sent_in_hold = [t for t in accepted if at + 0.3 < t < reset - 0.1]
+        assert sent_in_hold == [], (at, reset, sent_in_hold)
