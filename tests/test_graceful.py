@@ -83,8 +83,12 @@ def test_sigterm_restart_and_scale_out_under_slow_submits_resubmit_nothing(
     s.ready(g1)
     s.send([pdf_request(f"gr-{i}") for i in range(REQUESTS)])
 
-    # 1. SIGTERM while many submits are under way, then restart under the same id.
-    in_flight = s.wait_until(_at_least(s, g1, 40), 60, "40 submits under way on g1", interval_s=0.1)
+    # 1. SIGTERM right after 40 calls reached DocuTray (each answers in 20 s: with a 30 s grace
+    # every one of them must finish), then restart under the same id.
+    s.wait_until(
+        lambda: emu.stats()["slow_responses"] >= 40, 60, "40 calls under way", interval_s=0.02
+    )
+    in_flight = _submitting(s, g1)
     s.note(f"g1: {in_flight:g} submitting at SIGTERM")
     stopping_at = time.monotonic()
     code = s.terminate(g1, timeout_s=60)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from datetime import datetime
 
 from tests.chaos.harness import (
     ChaosFactory,
@@ -85,16 +86,18 @@ def test_kill9_and_restart_under_the_same_id_recovers_without_rebalance_wait(
     load = SteadyLoad(s, "rec", rate_per_s=4, partitions=PARTITIONS).start()
     rng = random.Random(72)
     recoveries: list[float] = []
+    kills: list[float] = []
     try:
         s.wait_until(
             lambda: tail.first_after(0, lambda rid: True), 30, "the load produces outcomes"
         )
         for round_ in range(10):
-            s.hold(rng.uniform(1.0, 3.0), "steady work before the kill")
+            s.hold(rng.uniform(0.5, 1.5), "steady work before the kill")
             owned = set(assigned_partitions(r1))
             assert owned == set(owners["r1"]), f"r1's partitions moved: {owned} vs {owners}"
             s.kill(r1)  # returns once the process is gone
             killed_at = time.time()
+            kills.append(killed_at)
             s.restart(r1)
             took = _recovery_s(
                 s, tail, load, owned, killed_at, f"round {round_}: an outcome on r1's partitions"
@@ -107,6 +110,11 @@ def test_kill9_and_restart_under_the_same_id_recovers_without_rebalance_wait(
     finally:
         load.stop()
         tail.stop()
+    # Where the time goes: kill -> the new process logs bridge_starting (interpreter and
+    # imports) -> state_restored (init_transactions, rejoin, restore) -> first outcome.
+    starting, restored = _event_times(r1, "bridge_starting"), _event_times(r1, "state_restored")
+    s.measure("process_started_s", [_after(starting, k) for k in kills])
+    s.measure("state_restored_s", [_after(restored, k) for k in kills])
     s.measure("recovery_s", recoveries)
     s.measure("recovery_p50_s", nearest_rank(recoveries, 50))
     s.measure("recovery_p95_s", nearest_rank(recoveries, 95))
@@ -120,6 +128,24 @@ def test_kill9_and_restart_under_the_same_id_recovers_without_rebalance_wait(
         f"recoveries not shorter than the {SESSION_TIMEOUT_S:.0f} s session timeout "
         f"(a rebalance wait): {recoveries}"
     )
+
+
+def _event_times(proc: BridgeProcess, event: str) -> list[float]:
+    """Epoch seconds of every `event` line in the process log (all incarnations)."""
+    out = []
+    for line in proc.log_path.read_text(errors="replace").splitlines():
+        if f'"{event}"' not in line:
+            continue
+        try:
+            out.append(datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp())
+        except (ValueError, KeyError):
+            continue
+    return out
+
+
+def _after(times: list[float], since: float) -> float | None:
+    later = [t for t in times if t > since]
+    return round(min(later) - since, 2) if later else None
 
 
 def _fenced_lines(proc: BridgeProcess) -> list[str]:
