@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import operator
 import queue
 import threading
 import time
@@ -585,38 +586,42 @@ class KafkaIO:
         with ``PyUnicode_FromString`` and ignores a failure: a key that is not
         UTF-8 makes ``headers()`` raise SystemError after caching a list in which
         that header's tuple has an empty key slot (reading the slot crashes the
-        interpreter). No API gives the raw header bytes. So, on SystemError: read
-        the cached list, each tuple only through what the garbage collector sees
-        (never the empty slot), and take the first bad key's bytes from the
-        UnicodeDecodeError behind the SystemError. Later bad keys failed while that
-        error was pending, so their bytes are lost: their key is None.
+        interpreter). No API gives the raw header bytes. So every tuple is read
+        only through what the garbage collector sees (never an empty slot), and
+        the first bad key's bytes come from the UnicodeDecodeError behind the
+        SystemError. Later bad keys failed while that error was pending, so their
+        bytes are lost: their key is None.
+
+        The call goes through ``operator.methodcaller``: once CPython has
+        specialised a plain ``msg.headers()`` call site (after a few calls), it no
+        longer checks the result, the half-built list comes back with the error
+        still pending, and some later, unrelated call raises (seen on Python 3.11).
         """
-        try:
-            read = msg.headers()
-        except SystemError as exc:
-            failure: BaseException = exc
-        else:
-            return list(read.items() if isinstance(read, dict) else read or [])
         first_bad: bytes | None = None
-        seen: set[int] = set()
-        cause: BaseException | None = failure
-        while cause is not None and id(cause) not in seen:  # the deepest is the first failure
-            seen.add(id(cause))
-            if isinstance(cause, UnicodeDecodeError):
-                first_bad = bytes(cause.object)
-            cause = cause.__cause__ or cause.__context__
         try:
-            cached = msg.headers()  # the half-built list, cached by the failed call
-        except SystemError:
-            cached = None
-        if not cached:
-            return [(None, None)]  # nothing readable: judged as an unreadable header key
+            read = operator.methodcaller("headers")(msg)
+        except SystemError as exc:
+            seen: set[int] = set()
+            cause: BaseException | None = exc
+            while cause is not None and id(cause) not in seen:  # the deepest failed first
+                seen.add(id(cause))
+                if isinstance(cause, UnicodeDecodeError):
+                    first_bad = bytes(cause.object)
+                cause = cause.__cause__ or cause.__context__
+            try:
+                read = operator.methodcaller("headers")(msg)  # the list the failed call cached
+            except SystemError:
+                read = None
+            if not read:
+                return [(None, None)]  # nothing readable: judged as an unreadable header key
+        if isinstance(read, dict):
+            return list(read.items())
         headers: list[RawHeader] = []
-        for pair in cached:
-            slots = gc.get_referents(pair)  # skips empty slots, unlike pair[0]
+        for pair in read or []:
+            slots = gc.get_referents(pair)  # skips an empty slot, unlike pair[0]
             if len(slots) == 2:
                 headers.append((pair[0], pair[1]))
-            else:
+            else:  # the key slot is empty: the one slot left is the value
                 value = slots[0] if slots and not isinstance(slots[0], str) else None
                 headers.append((first_bad, value))
                 first_bad = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import resource
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from service.kafkaio import KafkaIO
 from service.messages import DeadLetter, DeadLetterReason
 from service.outcomes import DEFAULT_DEAD_LETTER_BYTES
 from tests.fixtures.bridge import Rig, assert_exactly_once, pdf_request
@@ -174,12 +176,12 @@ def test_hostile_records_from_kcat_become_dead_letters_and_good_requests_flow(
         bridge.wait_ready()  # the bridge created the input topic, with room for big records
     good: list[str] = []
 
-    def good_batch(tag: str) -> None:
-        ids = [f"good-{tag}-{i}" for i in range(3)]
+    def good_batch(tag: str, count: int = 3) -> None:
+        ids = [f"good-{tag}-{i}" for i in range(count)]
         good.extend(ids)
         kc.good(ids)
 
-    good_batch("a")
+    good_batch("a", 100)  # the replica's hot code is warm (CPython specialises it) by then
     # 1. Header keys that are not UTF-8 (two of them, around a good header) on a valid request.
     kc.file(
         json.dumps(pdf_request("hostile-key")).encode(),
@@ -291,3 +293,64 @@ def test_hostile_records_from_kcat_become_dead_letters_and_good_requests_flow(
         letter = DeadLetter.model_validate_json(value)
         expected_key = letter.request_id.encode() if letter.request_id else None
         assert key == expected_key
+
+
+def test_header_keys_confluent_kafka_cannot_decode_are_recovered(
+    kcat: str, make_topic: Any, kafka_bootstrap: str
+) -> None:
+    """What confluent-kafka 2.16 does with a header key that is not UTF-8, and what the bridge
+    gets back (KafkaIO._read_headers): every value, every good key, the first bad key's bytes;
+    the later bad keys' bytes are lost inside the library. 300 good records go first: CPython
+    specialises hot call sites, after which a plain ``msg.headers()`` no longer raises."""
+    topic = make_topic("kcat-headers", partitions=1)
+    base: list[bytes | str] = [kcat, "-P", "-b", kafka_bootstrap, "-t", topic, "-p", "0"]
+    good = b"".join(b"good-%d\n" % i for i in range(300))
+    result = subprocess.run(
+        [*base, "-H", "a=1"], input=good, capture_output=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    bad: list[bytes | str] = [*base]
+    for header in [b"a=1", b"\xff\xfe=2", b"b=3", b"bad\xc3=4", b"\x80=5", b"none"]:
+        bad += [b"-H", header]
+    for _ in range(2):
+        result = subprocess.run(bad, input=b"bad\n", capture_output=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "group.id": f"kcat-headers-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    msgs: list[Any] = []
+
+    def consumed_all() -> bool:
+        msgs.extend(m for m in consumer.consume(500, 1.0) if m.error() is None)
+        return len(msgs) >= 302
+
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        wait_for(consumed_all, 30, message="every record consumed")
+    finally:
+        consumer.close()
+    for msg in msgs[:300]:
+        assert KafkaIO._read_headers(msg) == [("a", b"1")]
+    recovered = [
+        ("a", b"1"),
+        (b"\xff\xfe", b"2"),
+        ("b", b"3"),
+        (None, b"4"),
+        (None, b"5"),
+        ("none", None),
+    ]
+    assert KafkaIO._read_headers(msgs[300]) == recovered
+    # The library: the first checked call raises SystemError, caused by the first bad key's
+    # UnicodeDecodeError; the list it leaves behind has empty key slots.
+    with pytest.raises(SystemError) as raised:
+        operator.methodcaller("headers")(msgs[301])
+    assert "returned a result with an exception set" in str(raised.value)
+    # Read after that, no error says which key was which: every bad key is lost, nothing crashes.
+    assert KafkaIO._read_headers(msgs[301]) == [
+        (k if isinstance(k, str) else None, v) for k, v in recovered
+    ]
