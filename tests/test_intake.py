@@ -313,15 +313,15 @@ def test_150_mb_document_is_refused_without_decoding_it() -> None:
 
     tracemalloc.start()
     try:
-        started = time.perf_counter()
+        started = time.process_time()  # CPU time: wall time on a shared machine varies
         by_record = parse(value)
-        record_s = time.perf_counter() - started
+        record_s = time.process_time() - started
         _, record_peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
 
-        started = time.perf_counter()
+        started = time.process_time()
         by_document = parse(value, max_request_bytes=len(value))
-        document_s = time.perf_counter() - started
+        document_s = time.process_time() - started
         _, document_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
