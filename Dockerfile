@@ -30,22 +30,23 @@ WORKDIR /src
 RUN python3.11 -m venv /opt/build \
  && python3.11 -m venv --without-pip /opt/venv
 
-# Dependencies first, in their own layer: a change to service/ does not download them again.
+# Dependencies and the build backend first, in their own layer: a change to service/ or
+# README.md does not download them again.
 # constraints.tx[t]: copied when present, without failing when absent.
 # The optional build secret `pip-ca` is a CA bundle for pip (behind a TLS-inspecting proxy:
 # scripts/image passes the host's); it is mounted for one step, never stored in a layer.
 COPY pyproject.toml constraints.tx[t] ./
 RUN --mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca.crt \
     if [ -s /run/secrets/pip-ca.crt ]; then export PIP_CERT=/run/secrets/pip-ca.crt; fi \
- && /opt/build/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
+ && /opt/build/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); open('/tmp/build.txt', 'w').write('\n'.join(p['build-system']['requires'])); open('/tmp/requirements.txt', 'w').write('\n'.join(p['project']['dependencies']))" \
+ && /opt/build/bin/pip install --requirement /tmp/build.txt \
  && if [ -f constraints.txt ]; then set -- --constraint constraints.txt; fi \
  && /opt/build/bin/pip --python /opt/venv/bin/python install --only-binary=:all: "$@" --requirement /tmp/requirements.txt
 
 COPY README.md ./
 COPY service/ service/
-RUN --mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca.crt \
-    if [ -s /run/secrets/pip-ca.crt ]; then export PIP_CERT=/run/secrets/pip-ca.crt; fi \
- && /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels . \
+# The build backend is already in /opt/build: a change to the code downloads nothing.
+RUN /opt/build/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /wheels . \
  && /opt/build/bin/pip --python /opt/venv/bin/python install --no-deps /wheels/*.whl \
  && /opt/build/bin/pip --python /opt/venv/bin/python check \
  && /opt/venv/bin/docutray-bridge --help > /dev/null
