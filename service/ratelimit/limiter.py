@@ -42,18 +42,20 @@ Priority (status polls before new submissions, issue 14 item 5):
 - Across replicas: GCRA hands out reservations first come, first served, so
   with one reservation each, N saturated replicas get 1/N of the budget each,
   whatever they spend it on. A replica whose polls fall behind (the oldest
-  has waited ``priority_after_s``, default 2 s, the detection target) may hold up to
-  ``priority_depth`` reservations at once (one per waiting poll, taken in
-  the same round trip as the confirm), so it gets ``k/(k+N-1)`` of the
-  permits while its polls are due, taken from the other replicas'
-  submissions, and falls back to one as soon as its polls are served.
-  Nothing is over-issued (each reservation is an ordinary GCRA slot), the
-  other replicas are slowed, never stopped, and reservations a 429 voids are
-  dropped. Deeper holds lengthen the queue for every replica (measured: a
-  fixed depth of 4 cost ~15 % of the budget at the end of short runs), hence
-  the trigger. A Redis-side "priority window" that made submit-only
-  replicas skip turns was considered and left out: the skipped slots are
-  wasted unless someone fills them at once, and the depth already does that.
+  has waited ``priority_after_s``, default 2 s, the detection target) while
+  submissions are taking the shared budget (the lane's Redis hash records
+  when the gate last let one through, on any replica) may hold up to
+  ``priority_depth`` reservations at once (one per waiting poll, taken in the
+  same round trip as the confirm), so it gets ``k/(k+N-1)`` of the permits
+  while its polls are due, taken from the other replicas' submissions, and
+  falls back to one as soon as its polls are served. Nothing is over-issued
+  (each reservation is an ordinary GCRA slot), the other replicas are
+  slowed, never stopped, and reservations a 429 voids are dropped. Deeper
+  holds lengthen the queue for every replica (measured: a depth of 4 held
+  all the time cost ~15 % of the budget at the end of 8-s runs), hence both
+  triggers. A Redis-side "priority window" that made submit-only replicas
+  skip turns was considered and left out: a skipped slot is wasted unless
+  someone fills it at once, and the depth already does that.
 
 If Redis fails, the limiter runs every lane on :class:`LocalBackend` at
 ``configured / expected_replicas`` until a background probe sees Redis answer
@@ -106,6 +108,9 @@ EventHook = Callable[[str, dict[str, Any]], None]
 Mode = Literal["redis", "local"]
 
 _REDIS_FAILURES = (RedisError, OSError)  # OSError covers builtin TimeoutError and ConnectionError
+
+_SUBMITS_RECENT_S = 5.0
+"""Submissions granted this recently (any replica) compete with polls for a shared budget."""
 
 LONG_WINDOWS: dict[str, float] = {"hour": HOUR_S, "day": DAY_S}
 """The 429 ``limitType`` values that block submissions until their reset, not for a minute."""
@@ -212,6 +217,7 @@ class _Lane:
     submit_blocked_until: float = 0.0
     submit_reason: str = ""
     gate_read_at: float = -math.inf
+    last_submit_at: float = -math.inf
     want_increase: bool = False
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -606,6 +612,8 @@ class Limiter:
         polls = servable.get("status", 0) if lane.picker is not None else 0
         if polls == 0 or now - lane.queues["status"][0].since < self._priority_after_s:
             return 1
+        if now - lane.last_submit_at > _SUBMITS_RECENT_S:
+            return 1  # nobody's submissions compete: holding more would only add latency
         return max(1, min(sum(servable.values()), polls, self._priority_depth))
 
     async def _dispatch_once(self, lane: _Lane) -> None:
@@ -667,6 +675,7 @@ class Limiter:
         while lane.held and lane.held[0] < lane.blocked_until:
             lane.held.popleft()  # reservations a 429 voided
         self._set_effective(lane, answer.effective_per_minute)
+        lane.last_submit_at = now - min(answer.since_submit_s, 1e9)
         if lane.carries_submits:
             lane.gate_read_at = now
             self._set_submit_hold(lane, now, answer.submit_wait_s, answer.submit_reason)

@@ -236,6 +236,8 @@ class LaneState:
     blocked_until: float
     seen: float = NEVER
     """The latest clock reading this state was written at (see :func:`rebase`)."""
+    submitted_at: float = NEVER
+    """When the gate last let a submission through on this lane (any replica)."""
 
 
 def lane_initial(configured_per_minute: float) -> LaneState:
@@ -257,6 +259,8 @@ class Answer:
     effective_per_minute: float
     more_in_s: tuple[float, ...] = ()
     """When the call asked for extra slots: how long until each of them is ours, in order."""
+    since_submit_s: float = math.inf
+    """How long ago a submission last got a permit on this lane, on any replica."""
     submits_granted: int = 0
     """How many of the permits usable now may carry a submission (gate room was taken)."""
     submit_wait_s: float = 0.0
@@ -305,7 +309,13 @@ def _rebase_lane(state: LaneState, now: float) -> LaneState:
         changed_at=shift(state.aimd.changed_at, step),
         decrease_gate_until=shift(state.aimd.decrease_gate_until, step),
     )
-    return LaneState(shift(state.tat, step), aimd, shift(state.blocked_until, step), now)
+    return LaneState(
+        shift(state.tat, step),
+        aimd,
+        shift(state.blocked_until, step),
+        now,
+        shift(state.submitted_at, step),
+    )
 
 
 def acquire_step(
@@ -347,8 +357,9 @@ def acquire_step(
         max(0.0, state.blocked_until - now),
         aimd.effective_per_minute,
         more_in_s=tuple(reserved[1:]),
+        since_submit_s=now - state.submitted_at,
     )
-    return LaneState(tat, aimd, state.blocked_until, state.seen), answer
+    return replace(state, tat=tat, aimd=aimd), answer
 
 
 def rate_limited_step(
@@ -371,7 +382,7 @@ def rate_limited_step(
     )
     blocked_until = max(state.blocked_until, now + hold_s)
     feedback = Feedback(aimd.effective_per_minute, aimd is not before, blocked_until - now)
-    return LaneState(state.tat, aimd, blocked_until, state.seen), feedback
+    return replace(state, aimd=aimd, blocked_until=blocked_until), feedback
 
 
 def usable_permits(answer: Answer, *, holding: bool) -> int:
@@ -548,6 +559,9 @@ def reserve_step(
     gate, granted, wait_s, reason = gate_step(
         gate, now=now, submits=wanted, per_hour=per_hour, per_day=per_day, burst=burst
     )
+    if granted > 0:
+        state = replace(state, submitted_at=now)
+        answer = replace(answer, since_submit_s=0.0)
     return (
         state,
         gate,

@@ -13,7 +13,7 @@ Keys (all under the one ``key_prefix`` the caller gives, see :func:`lane_key`):
 
 ``<prefix>ratelimit:<lane>``
     hash ``tat``, ``eff``, ``ceiling``, ``changed``, ``gate``, ``blocked``,
-    ``seen`` (times are Redis-clock seconds, rates per minute); expires
+    ``seen``, ``sub_at`` (the last submission granted on the lane; times are Redis-clock seconds, rates per minute); expires
     ``state_ttl_s`` after its last write, after which the lane starts afresh
     at its configured rate.
 ``<prefix>ratelimit:submit-gate``
@@ -63,7 +63,8 @@ local function shift(t, step)
   if t > -FAR and t < FAR then return t + step end
   return t
 end
-local f = redis.call('HMGET', key, 'tat', 'eff', 'ceiling', 'changed', 'gate', 'blocked', 'seen')
+local f = redis.call('HMGET', key, 'tat', 'eff', 'ceiling', 'changed', 'gate', 'blocked', 'seen',
+  'sub_at')
 local tat = tonumber(f[1]) or NEVER
 local eff = tonumber(f[2]) or configured
 local ceiling = tonumber(f[3]) or configured
@@ -71,6 +72,7 @@ local changed = tonumber(f[4]) or NEVER
 local gate = tonumber(f[5]) or NEVER
 local blocked = tonumber(f[6]) or NEVER
 local seen = tonumber(f[7]) or NEVER
+local sub_at = tonumber(f[8]) or NEVER
 -- rebase: the clock stepped back, move every stored time with it
 if now < seen then
   local step = now - seen
@@ -78,6 +80,7 @@ if now < seen then
   changed = shift(changed, step)
   gate = shift(gate, step)
   blocked = shift(blocked, step)
+  sub_at = shift(sub_at, step)
 end
 seen = now
 -- aimd_clamp
@@ -85,7 +88,8 @@ if eff > configured then eff = configured end
 if ceiling > configured then ceiling = configured end
 local function save()
   redis.call('HSET', key, 'tat', fmt(tat), 'eff', fmt(eff), 'ceiling', fmt(ceiling),
-    'changed', fmt(changed), 'gate', fmt(gate), 'blocked', fmt(blocked), 'seen', fmt(seen))
+    'changed', fmt(changed), 'gate', fmt(gate), 'blocked', fmt(blocked), 'seen', fmt(seen),
+    'sub_at', fmt(sub_at))
   redis.call('PEXPIRE', key, ttl_ms)
 end
 -- gcra_shape and gcra
@@ -174,11 +178,12 @@ if slots > 0 then
     reserved[i] = allowed_at - now
   end
 end
-save()
 local blocked_for = math.max(0, blocked - now)
-local reply = {fmt(reserved[1] or -1), fmt(blocked_for), fmt(eff), 0, fmt(0), ''}
-for i = 2, slots do reply[5 + i] = fmt(reserved[i]) end
+local reply = {fmt(reserved[1] or -1), fmt(blocked_for), fmt(eff), 0, fmt(0), '',
+  fmt(now - sub_at)}
+for i = 2, slots do reply[6 + i] = fmt(reserved[i]) end
 if plan == '-' then
+  save()
   return reply
 end
 -- usable_permits, then gate_step
@@ -224,10 +229,13 @@ if per_day > 0 then
   local at = gcra_at(ready, day_tat, iday, bday)
   if at > ready then ready = at; reason = 'budget_day' end
 end
+if granted > 0 then sub_at = now end
+save()
 gate_save()
 reply[4] = granted
 reply[5] = fmt(ready - now)
 reply[6] = reason
+reply[7] = fmt(now - sub_at)
 return reply
 """
 )
@@ -369,7 +377,8 @@ class RedisBackend:
             submits_granted=int(reply[3]),
             submit_wait_s=float(reply[4]),
             submit_reason=_text(reply[5]),
-            more_in_s=tuple(float(r) for r in reply[6:]),
+            since_submit_s=float(reply[6]),
+            more_in_s=tuple(float(r) for r in reply[7:]),
         )
 
     async def rate_limited(
