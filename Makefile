@@ -20,13 +20,14 @@ PYTEST_ARGS ?= -ra -n 2 --dist loadfile
 BENCH_ARGS ?=
 SOAK_ARGS ?=
 
-.PHONY: help venv lock tools stack-up stack-down lint typecheck test demo bench soak clean distclean
+.PHONY: help venv lock tools image stack-up stack-down lint typecheck test demo bench soak clean distclean
 
 help:
 	@echo "make test        install, lint, typecheck, stack up, pytest, stack down (always)"
 	@echo "make demo        install, stack up, run the bridge end to end against the emulator"
 	@echo "make venv        create .venv and install '.[dev]' pinned by constraints.txt"
 	@echo "make lock        regenerate constraints.txt from .venv"
+	@echo "make image       build the container image localhost/docutray-bridge:dev (docker or podman)"
 	@echo "make stack-up    start local Kafka + Redis (scripts/stack up); stack-down stops them"
 	@echo "make lint | typecheck | bench | soak | clean | distclean"
 
@@ -56,6 +57,12 @@ tools:
 	scripts/helm --path >/dev/null
 	scripts/promtool --path >/dev/null
 
+# The container image localhost/docutray-bridge:dev (scripts/image: docker or podman; a Python
+# base made from Debian's packages when no registry answers, cached under .cache/image).
+# `make test` starts it in the background too; tests/test_image.py waits for its lock.
+image:
+	scripts/image
+
 stack-up:
 	$(STACK) up
 
@@ -75,7 +82,8 @@ typecheck: venv
 test: venv
 	@mkdir -p .cache; \
 	$(MAKE) --no-print-directory tools > .cache/tools-build.log 2>&1 & tools_pid=$$!; \
-	trap 'rc=$$?; kill $$tools_pid 2>/dev/null || true; $(STACK) down || true; exit $$rc' EXIT; \
+	scripts/image > .cache/image-build.log 2>&1 & image_pid=$$!; \
+	trap 'rc=$$?; kill $$tools_pid $$image_pid 2>/dev/null || true; $(STACK) down || true; exit $$rc' EXIT; \
 	trap 'exit 130' INT TERM; \
 	$(MAKE) --no-print-directory lint typecheck; \
 	$(STACK) up; \
