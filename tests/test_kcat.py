@@ -13,6 +13,7 @@ way scripts/stack installs redis-server; CI runs as root on a fresh machine).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import operator
@@ -21,6 +22,7 @@ import resource
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +72,18 @@ def kcat() -> str:
     return ensure_kcat()
 
 
-def _big_argv() -> None:
-    """Let a child take megabytes of argv (ARG_MAX is a quarter of the stack limit)."""
-    _, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    want = 256 * MiB
-    resource.setrlimit(
-        resource.RLIMIT_STACK, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard)
-    )
+@contextlib.contextmanager
+def big_argv() -> Iterator[None]:
+    """Megabytes of command line for the processes started meanwhile: ARG_MAX is a quarter of
+    the stack limit, which a child inherits (set here, not in preexec_fn: the test process has
+    threads)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    want = 256 * MiB if hard == resource.RLIM_INFINITY else min(256 * MiB, hard)
+    resource.setrlimit(resource.RLIMIT_STACK, (max(soft, want), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
 
 
 class Kcat:
@@ -101,9 +108,8 @@ class Kcat:
             "message.max.bytes=33554432",
             *args,
         ]
-        result = subprocess.run(
-            cmd, input=stdin, capture_output=True, timeout=60, check=False, preexec_fn=_big_argv
-        )
+        with big_argv():
+            result = subprocess.run(cmd, input=stdin, capture_output=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
 
     def file(
