@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import random
 import signal
@@ -36,6 +37,7 @@ from service.config import (
     kafka_passthrough,
     redacted,
 )
+from service.documents import DocumentReader
 from service.docutray import DocuTrayClient
 from service.health import Probe, create_ops_app, liveness, readiness
 from service.kafkaio import KafkaErrorLog, KafkaIO, KafkaSettings
@@ -43,7 +45,13 @@ from service.logging import register_secrets
 from service.pipeline import Engine
 from service.ratelimit import build_limiter
 from service.scheduler import DurationModel, PollPolicy
-from service.topics import dedupe_topic, ensure_topics
+from service.topics import (
+    dedupe_topic,
+    documents_topic,
+    ensure_topics,
+    producer_max_message_bytes,
+    record_limits,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -57,28 +65,35 @@ def kafka_settings(settings: Settings) -> KafkaSettings:
     """The Kafka edge's slice of the settings."""
     return KafkaSettings(
         common=kafka_common_config(settings),
-        extra_consumer=kafka_passthrough(kind="consumer"),
-        extra_producer=kafka_passthrough(kind="producer"),
+        extra_consumer={
+            "queued.max.messages.kbytes": settings.kafka_buffer_kbytes,
+            **kafka_passthrough(kind="consumer"),
+        },
+        extra_producer={
+            "queue.buffering.max.kbytes": settings.kafka_buffer_kbytes,
+            **kafka_passthrough(kind="producer"),
+        },
         group_id=settings.group_id,
         instance_id=instance_id(settings),
         input_topic=settings.input_topic,
         result_topic=settings.result_topic,
         dead_letter_topic=settings.dead_letter_topic,
         changelog_topic=settings.changelog,
+        documents_topic=documents_topic(settings),
         dedupe_topic=dedupe_topic(settings),
         dedupe_window_s=settings.dedupe_window_s,
         restore_timeout_s=settings.restore_timeout_s,
-        revoke_grace_s=min(15.0, settings.shutdown_grace_s),
+        revoke_grace_s=settings.shutdown_grace_s,
         # Only an id that outlives the process (BRIDGE_INSTANCE_ID: the StatefulSet's pod name)
         # makes static membership pay; host name + pid would only delay every handover.
         static_membership=bool(os.environ.get("BRIDGE_INSTANCE_ID")),
         commit_interval_s=settings.commit_interval_ms / 1000,
         max_pending=settings.max_pending,
+        max_pending_bytes=settings.pending_bytes_cap,
+        max_batch_bytes=settings.kafka_buffer_kbytes * 1024 // 2,
+        producer_max_bytes=producer_max_message_bytes(settings),
         max_request_bytes=settings.max_request_bytes,
         max_document_bytes=settings.max_document_bytes,
-        create_topics=settings.create_topics,
-        topic_partitions=settings.topic_partitions,
-        replication_factor=settings.topic_replication_factor,
     )
 
 
@@ -130,6 +145,24 @@ def _on_limiter_event(kind: str, fields: dict[str, Any]) -> None:
         metrics.LIMITER_EFFECTIVE_RATE.labels(fields["budget"]).set(fields["per_minute"] / 60)
     elif kind == "degraded":
         metrics.LIMITER_DEGRADED.set(1 if fields["degraded"] else 0)
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once.
+
+    Documents pass through in megabyte strings. glibc's default raises its mmap
+    threshold after the first such block is freed, and from then on keeps them in
+    the heap, where freed memory is rarely returned: RSS ratchets up with every
+    document. A fixed threshold (which turns the adjustment off) keeps blocks over
+    128 KiB in their own mappings, unmapped when freed. Other C libraries: no-op.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
+#: glibc's mallopt parameter number for the mmap threshold (malloc.h).
+_M_MMAP_THRESHOLD = -3
 
 
 async def run_bridge(settings: Settings) -> int:
@@ -199,8 +232,15 @@ async def run_bridge(settings: Settings) -> int:
         min_interval_s=settings.poll_min_interval_s,
         max_interval_s=settings.poll_max_interval_s,
     )
+    documents = DocumentReader(ks.common, ks.documents_topic)
     engine = Engine(
-        settings=settings, client=client, limiter=limiter, policy=policy, rng=random.Random()
+        settings=settings,
+        client=client,
+        limiter=limiter,
+        policy=policy,
+        documents=documents,
+        output_limits=record_limits(layout, producer_max_bytes=ks.producer_max_bytes),
+        rng=random.Random(),
     )
     loop = asyncio.get_running_loop()
     kafka = KafkaIO(ks, loop=loop, hooks=engine)
@@ -276,6 +316,7 @@ async def run_bridge(settings: Settings) -> int:
         await asyncio.wait_for(server_task, timeout=2)
     await client.aclose()
     await limiter.close()
+    documents.close()
     failure = engine.failure or kafka.error
     if failure is not None:
         log.critical("bridge_failed", error=str(failure), action="restarting restores all state")

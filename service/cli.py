@@ -50,8 +50,9 @@ def run() -> None:
     configure_logging(fmt=settings.log_format, level=settings.log_level)
     if not settings.docutray_api_key.get_secret_value():
         _fail("DOCUTRAY_API_KEY is not set")
-    from service.app import run_bridge
+    from service.app import return_freed_memory, run_bridge
 
+    return_freed_memory()
     try:
         code = asyncio.run(run_bridge(settings))
     except BridgeError as exc:
@@ -212,7 +213,9 @@ def replay(
     for letter in plan.selected:
         click.echo(f"{letter.request_id or '(no id)'}  {letter.reason.value}  {letter.message}")
     verb = "would replay" if dry_run else "replayed"
-    click.echo(f"{verb} {len(plan.selected)} dead letter(s); {plan.skipped} unreadable or truncated skipped")
+    click.echo(
+        f"{verb} {len(plan.selected)} dead letter(s); {plan.skipped} unreadable or truncated skipped"
+    )
 
 
 @main.command()

@@ -156,6 +156,21 @@ class Settings(BaseSettings):
     max_pending: int = Field(
         default=10_000, ge=1, validation_alias=AliasChoices("BRIDGE_MAX_PENDING")
     )
+    memory_budget_mb: int = Field(
+        default=512,
+        ge=64,
+        validation_alias=AliasChoices("BRIDGE_MEMORY_BUDGET_MB"),
+        description="Memory the bridge plans for (the chart sets it from the container limit): "
+        "pending states may hold a quarter, documents in flight a quarter, Kafka's client "
+        "buffers an eighth each.",
+    )
+    max_inflight_bytes: int = Field(
+        default=0,
+        ge=0,
+        validation_alias=AliasChoices("BRIDGE_MAX_INFLIGHT_BYTES"),
+        description="Bytes of documents held for submits and dead letters at once; "
+        "0: a quarter of BRIDGE_MEMORY_BUDGET_MB.",
+    )
     max_inflight_submits: int = Field(
         default=256, ge=1, validation_alias=AliasChoices("BRIDGE_MAX_INFLIGHT_SUBMITS")
     )
@@ -289,6 +304,21 @@ class Settings(BaseSettings):
     def changelog(self) -> str:
         """The changelog topic name (explicit, or derived from the group id)."""
         return self.changelog_topic or f"{self.group_id}.pending-changelog"
+
+    @property
+    def pending_bytes_cap(self) -> int:
+        """Bytes the pending entries may hold before consumption pauses."""
+        return self.memory_budget_mb * 1024 * 1024 // 4
+
+    @property
+    def inflight_bytes_cap(self) -> int:
+        """Bytes of documents held at once (read back for submits and dead letters)."""
+        return self.max_inflight_bytes or self.memory_budget_mb * 1024 * 1024 // 4
+
+    @property
+    def kafka_buffer_kbytes(self) -> int:
+        """Kilobytes each Kafka client may buffer (consumer prefetch, producer queue)."""
+        return max(4096, self.memory_budget_mb * 1024 // 8)
 
     @property
     def redis(self) -> str | None:

@@ -68,9 +68,14 @@ from service.intake import (
     original_record,
     parse_record,
 )
-from service.messages import DeadLetterReason, DocumentRequest, OriginalRecord, utcnow
+from service.messages import (
+    DeadLetterReason,
+    DocumentRequest,
+    OriginalRecord,
+    utcnow,
+)
 from service.outcomes import DEFAULT_DEAD_LETTER_BYTES, build_dead_letter, dead_letter_record
-from service.pending import Entry, Limits, Unreadable, entries_from_values, new_entry
+from service.pending import DocumentAt, Entry, Unreadable, entries_from_values, new_entry
 from service.restore import StateReader
 
 log = structlog.get_logger(__name__)
@@ -96,6 +101,8 @@ class OutRecord:
     value: bytes | None
     headers: Headers | None = None
     partition: int | None = None
+    #: Told the record's offset once the broker has it (before the commit).
+    delivered: Callable[[int], None] | None = None
 
 
 @dataclass(slots=True)
@@ -112,6 +119,8 @@ class Effect:
     future: asyncio.Future[None] | None = None
     dead_letter_reason: str | None = None
     result: bool = False
+    #: Records that need the offsets of `records` (produced after those are delivered).
+    late: Callable[[], list[OutRecord]] | None = None
 
 
 @dataclass(slots=True)
@@ -125,17 +134,21 @@ class KafkaSettings:
     result_topic: str
     dead_letter_topic: str
     changelog_topic: str
+    documents_topic: str
     dedupe_topic: str
     dedupe_window_s: float
     commit_interval_s: float
     max_pending: int
+    #: Backpressure: bytes the pending entries may hold (BRIDGE_MEMORY_BUDGET_MB's share).
+    max_pending_bytes: int
+    #: The producer's message.max.bytes (the largest topic limit the bridge writes to).
+    producer_max_bytes: int
     max_request_bytes: int
     max_document_bytes: int
-    create_topics: bool
-    topic_partitions: int
-    replication_factor: int
     restore_timeout_s: float = 120.0
     transaction_timeout_ms: int = 60_000
+    #: Commit once the batch's records hold this many bytes (memory).
+    max_batch_bytes: int = 32 * 1024 * 1024
     #: How long a revoke waits for submits in flight on the revoked partitions.
     revoke_grace_s: float = 15.0
     #: Join with group.instance.id = instance_id (only when that id is stable across restarts).
@@ -233,13 +246,19 @@ class KafkaIO:
         self._last_commit = time.monotonic()
         self._epochs: dict[int, int] = {}
         #: Per partition: pending request id -> content hash (duplicates and id conflicts).
-        self._pending: dict[int, dict[str, str]] = {}
+        #: Per partition: pending request id -> (content hash, bytes its entry holds).
+        self._pending: dict[int, dict[str, tuple[str, int]]] = {}
+        self._held_bytes = 0
         #: Per partition: request ids that finished within the dedupe window.
         self._windows: dict[int, DedupeWindow] = {}
         #: Partitions waiting for their state topics to be stable, then restored (see restore.py).
         self._restoring: dict[int, _Restoring] = {}
         self._reader: StateReader | None = None
         self._lso_checked = 0.0
+        self._delivery_errors: list[KafkaError] = []
+        self._batch_bytes = 0
+        #: Moving average of consumed record sizes (how many records one consume may take).
+        self._record_bytes = 1024.0
         self._windows_expired = time.monotonic()
         self._base_offsets: dict[int, int] = {}
         self._pause_reasons: set[str] = set()
@@ -320,9 +339,9 @@ class KafkaIO:
                 **s.common,
                 "transactional.id": f"{s.group_id}-{s.instance_id}",
                 "linger.ms": 5,
-                "message.max.bytes": s.max_request_bytes * 2 + 1024 * 1024,
+                "message.max.bytes": s.producer_max_bytes,
                 "transaction.timeout.ms": s.transaction_timeout_ms,
-                "compression.type": "lz4",
+                "compression.type": "zstd",
                 "error_cb": KafkaErrorLog("producer"),
                 **s.extra_producer,
             }
@@ -380,12 +399,17 @@ class KafkaIO:
         due_in = self._s.commit_interval_s - (time.monotonic() - self._last_commit)
         has_work = bool(self._batch) or self._offsets_dirty
         timeout = max(0.0, min(0.05, due_in)) if has_work else 0.05
-        for msg in self._consumer.consume(num_messages=500, timeout=timeout):
+        # Memory: a batch of megabyte records is held until its commit, so take only as many
+        # records as fit the batch's byte budget (positions move with every record returned).
+        count = max(1, min(500, int(self._s.max_batch_bytes / max(1.0, self._record_bytes))))
+        for msg in self._consumer.consume(num_messages=count, timeout=timeout):
+            self._record_bytes += 0.2 * (len(msg.value() or b"") - self._record_bytes)
             self._on_message(msg)
         self._drain_commands()
         if (self._batch or self._offsets_dirty) and (
             time.monotonic() - self._last_commit >= self._s.commit_interval_s
             or len(self._batch) >= 2000
+            or self._batch_bytes >= self._s.max_batch_bytes
         ):
             self._commit()
 
@@ -428,7 +452,8 @@ class KafkaIO:
         """A request finishes: move it from pending to the dedupe window, durably too."""
         assert effect.finishes is not None
         rid = effect.finishes
-        content = self._pending.get(effect.partition, {}).pop(rid, "")
+        content, cost = self._pending.get(effect.partition, {}).pop(rid, ("", 0))
+        self._held_bytes -= cost
         window = self._windows.get(effect.partition)
         if not content or window is None:
             return  # unreadable state: nothing to compare a re-send with
@@ -457,13 +482,14 @@ class KafkaIO:
         assert self._consumer is not None
         reasons = set(self._pause_reasons)
         restoring = set(self._restoring)
-        if self.pending_count() >= self._s.max_pending:
+        count, held = self.pending_count(), self._held_bytes
+        metrics.MEMORY_HELD.labels("pending").set(held)
+        if count >= self._s.max_pending or held >= self._s.max_pending_bytes:
             reasons.add("backpressure")
-        elif (
-            "backpressure" in self._last_reasons
-            and self.pending_count() > 0.9 * self._s.max_pending
+        elif "backpressure" in self._last_reasons and (
+            count > 0.9 * self._s.max_pending or held > 0.9 * self._s.max_pending_bytes
         ):
-            reasons.add("backpressure")  # hysteresis: resume below 90 % of the cap
+            reasons.add("backpressure")  # hysteresis: resume below 90 % of the caps
         for reason in metrics.PAUSE_REASONS:
             metrics.CONSUMPTION_PAUSED.labels(reason).set(1 if reason in reasons else 0)
         if reasons != self._last_reasons:
@@ -638,7 +664,7 @@ class KafkaIO:
         window = self._windows.get(partition)
         decision = judge_resend(
             content,
-            pending_content=pending.get(rid),
+            pending_content=pending[rid][0] if rid in pending else None,
             finished=window.get(rid, time.time()) if window is not None else None,
             replay=any(h.key == REPLAY_HEADER for h in original.headers),
         )
@@ -656,7 +682,6 @@ class KafkaIO:
             metrics.REQUESTS_CONSUMED.labels("rejected").inc()
             self._reject_conflict(request, original, partition, offset, epoch)
             return
-        pending[rid] = content
         metrics.REQUESTS_CONSUMED.labels("accepted").inc()
         entry = new_entry(
             partition=partition,
@@ -666,19 +691,34 @@ class KafkaIO:
             received_at=utcnow(),
             content_hash=content,
         )
-        value = entry.changelog_value()
+        pending[rid] = (content, entry.cost_bytes())
+        self._held_bytes += pending[rid][1]
+        effect = self._accept(entry, original)
+        self._batch_bytes += sum(len(r.value or b"") for r in effect.records)
+        self._batch.append(effect)
+
+    def _accept(self, entry: Entry, original: OriginalRecord) -> Effect:
+        """The document once to its topic, then the first state naming the document's offset."""
+        document = original.model_dump_json().encode()
+        rid, partition, size = entry.request_id.encode(), entry.partition, len(document)
         hooks = self._hooks
 
-        def adopt(p: int = partition, e: int = epoch, new: Entry = entry) -> None:
-            hooks.adopt(p, e, [new])
+        def delivered(offset: int) -> None:
+            entry.document = DocumentAt(partition, offset, size)
 
-        self._batch.append(
-            Effect(
-                partition=partition,
-                epoch=epoch,
-                records=[OutRecord(self._s.changelog_topic, rid.encode(), value, None, partition)],
-                on_commit=adopt,
-            )
+        def state() -> list[OutRecord]:
+            value = entry.changelog_value()
+            return [OutRecord(self._s.changelog_topic, rid, value, None, partition)]
+
+        def adopt() -> None:
+            hooks.adopt(partition, entry.epoch, [entry])
+
+        return Effect(
+            partition=partition,
+            epoch=entry.epoch,
+            records=[OutRecord(self._s.documents_topic, rid, document, None, partition, delivered)],
+            late=state,
+            on_commit=adopt,
         )
 
     def _reject_conflict(
@@ -728,12 +768,37 @@ class KafkaIO:
             kwargs["headers"] = rec.headers
         if rec.partition is not None:
             kwargs["partition"] = rec.partition
+        if rec.delivered is not None:
+            kwargs["on_delivery"] = partial(self._on_delivery, rec.delivered)
         while True:
             try:
                 self._producer.produce(rec.topic, **kwargs)
                 return
             except BufferError:
                 self._producer.poll(0.05)
+
+    def _on_delivery(
+        self, delivered: Callable[[int], None], err: KafkaError | None, msg: Message
+    ) -> None:
+        if err is not None:
+            self._delivery_errors.append(err)
+        else:
+            delivered(msg.offset() or 0)
+
+    def _produce_late(self, batch: list[Effect]) -> None:
+        """Records that name other records' offsets: wait for those offsets, then produce."""
+        late = [eff for eff in batch if eff.late is not None]
+        if not late:
+            return
+        self._delivery_errors = []
+        while self._producer_().flush(1.0) > 0:
+            self._beat()
+        if self._delivery_errors:
+            raise KafkaException(self._delivery_errors[0])
+        for eff in late:
+            assert eff.late is not None
+            for rec in eff.late():
+                self._produce(rec)
 
     def _producer_(self) -> Producer:
         assert self._producer is not None
@@ -776,6 +841,7 @@ class KafkaIO:
     def _commit(self) -> None:
         """One transaction: every batched record plus the consumer positions (steps 3-5)."""
         batch, self._batch = self._batch, []
+        self._batch_bytes = 0
         self._offsets_dirty = False
         self._last_commit = time.monotonic()
         producer = self._producer_()
@@ -784,6 +850,7 @@ class KafkaIO:
             for eff in batch:
                 for rec in eff.records:
                     self._produce(rec)
+            self._produce_late(batch)
             positions = self._positions()
             if positions:
                 assert self._consumer is not None
@@ -795,9 +862,9 @@ class KafkaIO:
             self._retrying("commit_transaction", lambda: producer.commit_transaction(30))
         except KafkaException as exc:
             kerr: KafkaError = exc.args[0]
-            if not kerr.txn_requires_abort():
+            if kerr.fatal():
                 raise FatalKafkaError(f"transaction failed: {kerr.str()}") from None
-            self._abort(batch, kerr)
+            self._abort(batch, kerr)  # anything else: abort and rebuild from Kafka
             return
         metrics.TRANSACTIONS.labels("committed").inc()
         for eff in batch:
@@ -908,6 +975,7 @@ class KafkaIO:
             return
         for p in parts:
             self._epochs[p] = self._epochs.get(p, 0) + 1
+            self._held_bytes -= sum(cost for _, cost in self._pending.get(p, {}).values())
             self._pending[p] = {}
         consumer = self._consumer_()
         tps = [TopicPartition(self._s.input_topic, p) for p in parts]
@@ -1031,18 +1099,18 @@ class KafkaIO:
                 progress=self._beat,
             )
         count = 0
-        limits = Limits(self._s.max_request_bytes, self._s.max_document_bytes)
         for p in parts:
             del self._restoring[p]
             windows[p].expire(time.time())
             self._windows[p] = windows[p]
             entries, unreadable = entries_from_values(
-                latest.pop(p), partition=p, epoch=self._epochs[p], limits=limits
+                latest.pop(p), partition=p, epoch=self._epochs[p]
             )
             count += len(entries) + len(unreadable)
-            self._pending[p] = {e.request_id: e.content_hash for e in entries} | {
-                u.request_id: "" for u in unreadable
-            }
+            pending = {e.request_id: (e.content_hash, e.cost_bytes()) for e in entries}
+            pending.update((u.request_id, ("", 0)) for u in unreadable)
+            self._pending[p] = pending
+            self._held_bytes += sum(cost for _, cost in pending.values())
             self._loop.call_soon_threadsafe(
                 self._hooks.adopt, p, self._epochs[p], entries, unreadable
             )
@@ -1061,7 +1129,7 @@ class KafkaIO:
     def _release(self, parts: list[int]) -> None:
         for p in parts:
             self._epochs[p] = self._epochs.get(p, 0) + 1
-            self._pending.pop(p, None)
+            self._held_bytes -= sum(cost for _, cost in self._pending.pop(p, {}).values())
             self._windows.pop(p, None)
             self._restoring.pop(p, None)
             self._base_offsets.pop(p, None)

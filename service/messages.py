@@ -193,6 +193,8 @@ class DeadLetterReason(StrEnum):
     """Transient errors (429, 5xx, timeouts) went on past the retry deadline."""
     REQUEST_ID_CONFLICT = "request_id_conflict"
     """A different request reused the id of one pending or finished within the dedupe window."""
+    RESULT_TOO_LARGE = "result_too_large"
+    """The result is larger than the results topic takes; fetch it from DocuTray."""
 
 
 class EncodedBytes(_Model):
@@ -355,20 +357,44 @@ class DeadLetter(_Model):
 PendingState = Literal["queued", "submitting", "submitted"]
 
 
+class DocumentRef(_Model):
+    """Where a pending request's original record sits in ``<group>.pending-documents``."""
+
+    partition: int = Field(description="Same partition number as the input record.")
+    offset: int = Field(ge=0)
+    size_bytes: int = Field(ge=0, description="Size of the stored original record.")
+
+
 class PendingRecord(_Model):
-    """One pending conversion in the changelog (key = request id; tombstone when finished).
+    """One pending conversion's state in the changelog (key = request id; tombstone when finished).
 
     States: ``queued`` (waiting for its first submit or a retry at
     ``next_attempt_at``), ``submitting`` (a submit may be in flight: after a
     crash the new owner resubmits and counts it), ``submitted`` (DocuTray has
     ``conversion_id``; being polled).
+
+    The record is small: the original input record (with the document) is kept
+    once in ``<group>.pending-documents`` at ``document``; what results need
+    without reading it back (type, file name, metadata up to 2 KiB, headers)
+    is here. Records written before the split carry ``original`` inline instead.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
     request_id: str
     state: PendingState
-    original: OriginalRecord
     received_at: datetime
+    document_type_code: str = ""
+    filename: str | None = None
+    metadata: dict[str, Any] | None = None
+    metadata_in_document: bool = Field(
+        default=False,
+        description="The metadata is too large to repeat here: read it from the document.",
+    )
+    headers: list[OriginalHeader] = Field(default_factory=list)
+    document: DocumentRef | None = None
+    original: OriginalRecord | None = Field(
+        default=None, description="Records written before documents moved beside the state."
+    )
     attempts: int = 0
     next_attempt_at: datetime | None = None
     last_error: str | None = None

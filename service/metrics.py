@@ -59,6 +59,7 @@ DEAD_LETTER_REASONS: Final = (
     "timeout",
     "retries_exhausted",
     "request_id_conflict",
+    "result_too_large",
 )
 MAX_DOCUMENT_TYPES: Final = 50
 
@@ -186,6 +187,12 @@ UNEXPECTED_ERRORS = Counter(
     "the entry is retried with backoff.",
     ["stage"],
 )
+MEMORY_HELD = Gauge(
+    "docutray_bridge_memory_held_bytes",
+    "Bytes held by kind: pending (entries' states) and documents (read back for submits and "
+    "dead letters). Consumption pauses before BRIDGE_MEMORY_BUDGET_MB's shares are reached.",
+    ["kind"],
+)
 REMEMBERED = Gauge(
     "docutray_bridge_dedupe_remembered_requests",
     "Finished request ids in this replica's dedupe window (re-sends cost nothing).",
@@ -271,6 +278,8 @@ def init_series() -> None:
         TRANSACTIONS.labels(outcome)
     for stage in ("submit", "status"):
         UNEXPECTED_ERRORS.labels(stage)
+    for kind in ("pending", "documents"):
+        MEMORY_HELD.labels(kind)
     for reason in RESUBMIT_REASONS:
         RESUBMISSIONS.labels(reason)
     for reason in PAUSE_REASONS:

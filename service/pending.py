@@ -1,4 +1,4 @@
-"""The durable pending-conversion store: compact in-memory entries and their changelog.
+"""The pending-conversion store: compact in-memory entries and their small changelog states.
 
 Every request the bridge has accepted but not finished lives in a compacted
 changelog topic, keyed by request id, in the same partition number as its
@@ -7,12 +7,14 @@ The in-memory :class:`Entry` is the working copy; :meth:`Entry.changelog_value`
 is what goes to the changelog at each state change, and a tombstone removes
 it when the result or dead letter is published in the same transaction.
 
-Memory matters here (100,000 pending conversions per replica is a normal
-day), so an entry keeps the original record as the JSON bytes it is written
-as, not as models, and keeps the parsed request only while it may still be
-submitted. The changelog value is spliced from a small header and those
-bytes; :class:`~service.messages.PendingRecord` is its schema (a test checks
-that the two agree).
+States, not documents: the original input record (with its document) is
+written once to ``<group>.pending-documents`` (see :mod:`service.documents`)
+and an entry keeps only where it is (:class:`~service.messages.DocumentRef`),
+so a pending entry's memory and its changelog records do not grow with the
+document: a few hundred bytes for a typical request. What a result needs
+without reading the document back (type, file name, small metadata, the
+headers to carry) is kept here; metadata over :data:`INLINE_METADATA_BYTES`
+is read back from the document when the result is built.
 
 :func:`entries_from_values` rebuilds the pending entries of a newly assigned
 partition from the last changelog value of each request id, which
@@ -26,18 +28,37 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import structlog
+from pydantic import TypeAdapter
 
 from service.intake import Accepted, parse_record
 from service.messages import (
-    SCHEMA_VERSION,
-    DocumentRequest,
+    DocumentRef,
+    OriginalHeader,
     OriginalRecord,
     PendingRecord,
     PendingState,
 )
 
-log = structlog.get_logger(__name__)
+#: Metadata up to this size (as JSON) is kept in the state; larger is read from the document.
+INLINE_METADATA_BYTES = 2048
+#: What an entry costs in memory beyond its headers and metadata (measured, see benchmarks).
+ENTRY_OVERHEAD_BYTES = 600
+
+Headers = list[tuple[str, str | bytes | None]]
+_HEADERS = TypeAdapter(list[OriginalHeader])
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentAt:
+    """Where an entry's document is (the in-memory form of DocumentRef: a third of the size)."""
+
+    partition: int
+    offset: int
+    size_bytes: int
+
+    def ref(self) -> DocumentRef:
+        """As the changelog writes it."""
+        return DocumentRef(partition=self.partition, offset=self.offset, size_bytes=self.size_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +78,16 @@ class Entry:
     request_id: str
     state: PendingState
     received_at: datetime
-    #: The original input record, serialized once as an OriginalRecord (JSON bytes).
-    original_json: bytes
     document_type_code: str
+    #: Where the original record is kept (None only for records written before the split).
+    document: DocumentAt | None = None
+    #: The original record, only for records written before the split (JSON bytes).
+    legacy_original: bytes | None = None
     metadata: dict[str, Any] | None = None
+    metadata_in_document: bool = False
     filename: str | None = None
+    #: The original record's headers (JSON of OriginalHeader objects), carried onto outputs.
+    headers_json: bytes = b"[]"
     attempts: int = 0
     status_calls: int = 0
     lost_resubmits: int = 0
@@ -75,9 +101,6 @@ class Entry:
     submitted_mono: float | None = None
     #: transient URL download failures seen (DocuTray's 408, fetch-mode timeouts).
     url_timeouts: int = 0
-    #: The parsed request, only while a submit is under way (re-read from the original bytes).
-    request: DocumentRequest | None = None
-    content_type: str | None = None
     #: Hash of the request's canonical content (service.dedupe): re-sends vs id conflicts.
     content_hash: str = ""
 
@@ -86,47 +109,49 @@ class Entry:
         """The engine's key for this entry."""
         return (self.partition, self.request_id)
 
-    def original(self) -> OriginalRecord:
-        """The original record as a model (for dead letters and headers)."""
-        return OriginalRecord.model_validate_json(self.original_json)
+    @property
+    def headers(self) -> list[OriginalHeader]:
+        """The original record's headers."""
+        return _HEADERS.validate_json(self.headers_json)
 
-    def header_tuples(self) -> list[tuple[str, str | bytes | None]]:
+    def header_tuples(self) -> Headers:
         """The original record's headers, to carry onto output records."""
-        return self.original().header_tuples()
+        return [(h.key, h.value.raw() if h.value is not None else None) for h in self.headers]
 
-    def load_request(self, limits: Limits) -> Accepted | None:
-        """The parsed request (re-read from the original record if it was dropped)."""
-        if self.request is not None:
-            return Accepted(self.request, self.content_type)
-        verdict = _parse_original(self.original(), limits)
-        if verdict is None:
-            return None
-        self.request = verdict.request
-        self.content_type = verdict.content_type
-        return verdict
+    def cost_bytes(self) -> int:
+        """About what this entry holds in memory (backpressure counts it)."""
+        held = len(self.headers_json)
+        if self.metadata is not None:
+            held += 2 * len(json.dumps(self.metadata, default=str))
+        return ENTRY_OVERHEAD_BYTES + held
 
     def changelog_value(self) -> bytes:
         """The changelog record for the current state (a PendingRecord, as JSON)."""
-        head = {
-            "schema_version": SCHEMA_VERSION,
-            "request_id": self.request_id,
-            "state": self.state,
-            "received_at": _iso(self.received_at),
-            "attempts": self.attempts,
-            "next_attempt_at": _iso(self.next_attempt_at),
-            "last_error": self.last_error,
-            "conversion_id": self.conversion_id,
-            "submitted_at": _iso(self.submitted_at),
-            "status_calls": self.status_calls,
-            "lost_resubmits": self.lost_resubmits,
-            "content_hash": self.content_hash or None,
-        }
-        text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
-        return text[:-1] + b',"original":' + self.original_json + b"}"
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+        record = PendingRecord(
+            request_id=self.request_id,
+            state=self.state,
+            received_at=self.received_at,
+            document_type_code=self.document_type_code,
+            filename=self.filename,
+            metadata=self.metadata,
+            metadata_in_document=self.metadata_in_document,
+            headers=self.headers,
+            document=self.document.ref() if self.document is not None else None,
+            original=(
+                OriginalRecord.model_validate_json(self.legacy_original)
+                if self.legacy_original is not None
+                else None
+            ),
+            attempts=self.attempts,
+            next_attempt_at=self.next_attempt_at,
+            last_error=self.last_error,
+            conversion_id=self.conversion_id,
+            submitted_at=self.submitted_at,
+            status_calls=self.status_calls,
+            lost_resubmits=self.lost_resubmits,
+            content_hash=self.content_hash or None,
+        )
+        return record.model_dump_json(exclude_defaults=True).encode()
 
 
 def new_entry(
@@ -140,42 +165,52 @@ def new_entry(
 ) -> Entry:
     """The entry of a request just accepted from the input topic (state `queued`).
 
-    The parsed request is not kept: a backlog of queued requests would hold
-    every request twice (parsed and as bytes). It is parsed again right
-    before its submit.
+    Its document reference is set once the document record has an offset
+    (:meth:`service.kafkaio.KafkaIO` writes it in the same transaction).
     """
     request = accepted.request
+    metadata = request.metadata
+    inline = metadata is None or len(json.dumps(metadata)) <= INLINE_METADATA_BYTES
     return Entry(
         partition=partition,
         epoch=epoch,
         request_id=request.request_id,
         state="queued",
         received_at=received_at,
-        original_json=original.model_dump_json().encode(),
         document_type_code=request.document_type_code,
-        metadata=request.metadata,
+        metadata=metadata if inline else None,
+        metadata_in_document=not inline,
         filename=request.filename,
+        headers_json=_headers_json(original.headers),
         content_hash=content_hash,
     )
 
 
-def entry_from_changelog(value: bytes, *, partition: int, epoch: int, limits: Limits) -> Entry:
+def entry_from_changelog(value: bytes, *, partition: int, epoch: int) -> Entry:
     """Rebuild an entry from a changelog value (raises ValueError if it is unreadable).
 
-    Requests that may still be submitted are validated again in full (an
-    unreadable one must be dead-lettered now, not at its submit); a submitted
-    conversion needs just its id, type, metadata, file name and original bytes.
+    Only the state is read: a request's document is validated again right
+    before its submit, when it is read back.
     """
     record = PendingRecord.model_validate_json(value)
-    original = record.original
     entry = Entry(
         partition=partition,
         epoch=epoch,
         request_id=record.request_id,
         state=record.state,
         received_at=record.received_at,
-        original_json=original.model_dump_json().encode(),
-        document_type_code="",
+        document_type_code=record.document_type_code,
+        document=(
+            DocumentAt(
+                record.document.partition, record.document.offset, record.document.size_bytes
+            )
+            if record.document is not None
+            else None
+        ),
+        metadata=record.metadata,
+        metadata_in_document=record.metadata_in_document,
+        filename=record.filename,
+        headers_json=_headers_json(record.headers),
         attempts=record.attempts,
         status_calls=record.status_calls,
         lost_resubmits=record.lost_resubmits,
@@ -186,24 +221,32 @@ def entry_from_changelog(value: bytes, *, partition: int, epoch: int, limits: Li
         in_doubt=record.state == "submitting",
         content_hash=record.content_hash or "",
     )
-    if record.state == "submitted" and record.conversion_id:
-        fields = json.loads(original.value.raw()) if original.value is not None else None
-        if not isinstance(fields, dict) or not isinstance(fields.get("document_type_code"), str):
-            raise ValueError("the stored request has no document_type_code")
-        entry.document_type_code = fields["document_type_code"]
+    if record.original is not None:  # written before documents moved beside the state
+        entry.legacy_original = record.original.model_dump_json().encode()
+        entry.headers_json = _headers_json(record.original.headers)
+        fields = _request_fields(record.original)
+        entry.document_type_code = str(fields.get("document_type_code") or "")
         entry.metadata = fields.get("metadata")
         entry.filename = fields.get("filename")
-        return entry
-    verdict = _parse_original(original, limits)
-    if verdict is None:
-        raise ValueError("the stored request no longer passes validation")
-    entry.document_type_code = verdict.request.document_type_code
-    entry.metadata = verdict.request.metadata
-    entry.filename = verdict.request.filename
+    if not entry.document_type_code or (entry.document is None and entry.legacy_original is None):
+        raise ValueError("the pending state names no document type or no document")
     return entry
 
 
-def _parse_original(original: OriginalRecord, limits: Limits) -> Accepted | None:
+def _headers_json(headers: list[OriginalHeader]) -> bytes:
+    return _HEADERS.dump_json(headers) if headers else b"[]"
+
+
+def _request_fields(original: OriginalRecord) -> dict[str, Any]:
+    try:
+        fields = json.loads(original.value.raw()) if original.value is not None else None
+    except ValueError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def parse_original(original: OriginalRecord, limits: Limits) -> Accepted | None:
+    """The request in a stored original record, judged again (None if it no longer passes)."""
     value = original.value
     verdict = parse_record(
         value.raw() if value is not None else None,
@@ -223,7 +266,7 @@ class Unreadable:
 
 
 def entries_from_values(
-    values: dict[str, bytes], *, partition: int, epoch: int, limits: Limits
+    values: dict[str, bytes], *, partition: int, epoch: int
 ) -> tuple[list[Entry], list[Unreadable]]:
     """The entries of a partition's last changelog values (read by service.restore).
 
@@ -235,9 +278,7 @@ def entries_from_values(
     while values:
         rid, value = values.popitem()
         try:
-            entries.append(
-                entry_from_changelog(value, partition=partition, epoch=epoch, limits=limits)
-            )
+            entries.append(entry_from_changelog(value, partition=partition, epoch=epoch))
         except ValueError as exc:
             unreadable.append(Unreadable(rid, value, str(exc).splitlines()[0]))
     return entries, unreadable

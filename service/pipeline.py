@@ -35,7 +35,7 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Literal, cast
 
@@ -43,6 +43,7 @@ import structlog
 
 from service import metrics
 from service.config import Settings
+from service.documents import ByteBudget, DocumentMissing, DocumentReader
 from service.docutray import (
     ConversionStatus,
     DocuTrayClient,
@@ -53,8 +54,9 @@ from service.docutray import (
 from service.fetch import FetchError, fetch_document
 from service.intake import Accepted, original_record
 from service.kafkaio import Effect, EngineHooks, KafkaIO, OutRecord, StaleEffect
-from service.messages import DeadLetterReason, PendingRecord, utcnow
+from service.messages import DeadLetterReason, OriginalRecord, PendingRecord, utcnow
 from service.outcomes import (
+    DEFAULT_DEAD_LETTER_BYTES,
     SYSTEMIC_PAUSES,
     Verdict,
     build_dead_letter,
@@ -63,9 +65,10 @@ from service.outcomes import (
     classify_submit_error,
     describe_error,
 )
-from service.pending import Entry, Limits, Unreadable
+from service.pending import Entry, Limits, Unreadable, parse_original
 from service.ratelimit import Budget, LimiterTimeout, RateLimiter
 from service.scheduler import DueQueue, PollPolicy, retry_delay_s
+from service.topics import documents_topic, record_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -85,9 +88,17 @@ class Engine(EngineHooks):
         client: DocuTrayClient,
         limiter: RateLimiter,
         policy: PollPolicy,
+        documents: DocumentReader | None = None,
+        output_limits: Mapping[str, int] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._s = settings
+        self._documents = documents
+        self._documents_topic = documents_topic(settings)
+        #: Documents read back and held at once (submits, dead letters).
+        self._inflight = ByteBudget(settings.inflight_bytes_cap)
+        #: The largest record each output topic takes (results over it: result_too_large).
+        self._output_limits = dict(output_limits or {})
         self._client = client
         self._limiter = limiter
         self._policy = policy
@@ -334,22 +345,66 @@ class Engine(EngineHooks):
         self, entry: Entry, record: OutRecord, *, dead_letter: str | None = None
     ) -> None:
         """Publish a result or dead letter and tombstone the pending record, in one transaction."""
-        tombstone = OutRecord(
-            self._s.changelog, entry.request_id.encode(), None, None, entry.partition
-        )
         self._entries.pop(entry.key, None)
         self._update_gauges()
         await self._write(
             Effect(
                 partition=entry.partition,
                 epoch=entry.epoch,
-                records=[record, tombstone],
+                records=[record, *self._tombstones(entry.request_id, entry.partition)],
                 finishes=entry.request_id,
                 dead_letter_reason=dead_letter,
                 result=dead_letter is None,
             ),
             wait=False,
         )
+
+    def _tombstones(self, request_id: str, partition: int) -> list[OutRecord]:
+        """The pending state and its document end with the outcome, in its transaction."""
+        key = request_id.encode()
+        return [
+            OutRecord(self._s.changelog, key, None, None, partition),
+            OutRecord(self._documents_topic, key, None, None, partition),
+        ]
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, entry: Entry) -> AsyncIterator[None]:
+        """Room for the entry's document in the in-flight byte budget, while it is used."""
+        size = entry.document.size_bytes if entry.document else len(entry.legacy_original or b"")
+        await self._inflight.acquire(size)
+        metrics.MEMORY_HELD.labels("documents").set(self._inflight.held)
+        try:
+            yield
+        finally:
+            self._inflight.release(size)
+            metrics.MEMORY_HELD.labels("documents").set(self._inflight.held)
+
+    async def _read_original(self, entry: Entry) -> OriginalRecord:
+        """The entry's original input record, read back from the documents topic."""
+        if entry.legacy_original is not None:
+            return OriginalRecord.model_validate_json(entry.legacy_original)
+        if entry.document is None or self._documents is None:
+            raise DocumentMissing(f"pending request {entry.request_id} names no document")
+        value = await self._documents.read(entry.document.partition, entry.document.offset)
+        return OriginalRecord.model_validate_json(value)
+
+    async def _original_for_letter(self, entry: Entry) -> tuple[OriginalRecord, str]:
+        """The original record for a dead letter, or what is known of it if it is gone."""
+        try:
+            async with self._holding(entry):
+                return await self._read_original(entry), ""
+        except (DocumentMissing, ValueError) as exc:
+            stub = OriginalRecord(
+                topic=self._s.input_topic,
+                partition=entry.partition,
+                offset=-1,
+                headers=entry.headers,
+            )
+            return stub, f" (the original record could not be read back: {exc})"
+
+    def _letter_limit(self) -> int:
+        """The largest dead letter its topic takes."""
+        return self._output_limits.get(self._s.dead_letter_topic, DEFAULT_DEAD_LETTER_BYTES)
 
     async def _dead_letter(
         self,
@@ -358,8 +413,11 @@ class Engine(EngineHooks):
         message: str,
         *,
         error: DocuTrayError | None = None,
+        original: OriginalRecord | None = None,
     ) -> None:
-        original = entry.original()
+        if original is None:
+            original, missing = await self._original_for_letter(entry)
+            message += missing
         letter = build_dead_letter(
             reason=reason,
             message=message,
@@ -371,6 +429,7 @@ class Engine(EngineHooks):
             attempts=entry.attempts,
             status_calls=entry.status_calls,
             received_at=entry.received_at,
+            max_bytes=self._letter_limit(),
         )
         log.warning(
             "request_dead_lettered",
@@ -387,7 +446,7 @@ class Engine(EngineHooks):
                 self._s.dead_letter_topic,
                 entry.request_id.encode(),
                 letter.model_dump_json().encode(),
-                original.header_tuples(),
+                entry.header_tuples(),
             ),
             dead_letter=reason.value,
         )
@@ -397,7 +456,9 @@ class Engine(EngineHooks):
         assert self.kafka is not None
         try:
             record = PendingRecord.model_validate_json(bad.value)
-            original = record.original
+            original = record.original or OriginalRecord(
+                topic=self._s.input_topic, partition=partition, offset=-1, headers=record.headers
+            )
             received_at, attempts = record.received_at, record.attempts
         except ValueError:
             original = original_record(
@@ -417,6 +478,7 @@ class Engine(EngineHooks):
             request_id=bad.request_id,
             received_at=received_at,
             attempts=attempts,
+            max_bytes=self._letter_limit(),
         )
         log.error(
             "pending_record_unreadable",
@@ -435,7 +497,7 @@ class Engine(EngineHooks):
                         letter.model_dump_json().encode(),
                         original.header_tuples(),
                     ),
-                    OutRecord(self._s.changelog, bad.request_id.encode(), None, None, partition),
+                    *self._tombstones(bad.request_id, partition),
                 ],
                 finishes=bad.request_id,
                 dead_letter_reason=DeadLetterReason.INVALID_REQUEST.value,
@@ -467,14 +529,40 @@ class Engine(EngineHooks):
                 f"{entry.last_error}",
             )
             return
-        accepted = entry.load_request(self._limits)
+        async with self._holding(entry):
+            await self._submit_document(entry)
+
+    async def _submit_document(self, entry: Entry) -> None:
+        """Steps 0-4 with the document read back and held (within the in-flight byte budget)."""
+        key = entry.key
+        # Step 0: the request, read back from the documents topic and judged again.
+        try:
+            original = await self._read_original(entry)
+        except DocumentMissing as exc:
+            await self._dead_letter(
+                entry,
+                DeadLetterReason.INVALID_REQUEST,
+                f"the stored request cannot be read back: {exc}",
+                original=OriginalRecord(
+                    topic=self._s.input_topic,
+                    partition=entry.partition,
+                    offset=-1,
+                    headers=entry.headers,
+                ),
+            )
+            return
+        if not self._owned(entry):
+            return
+        accepted = parse_original(original, self._limits)
         if accepted is None:
             await self._dead_letter(
                 entry,
                 DeadLetterReason.INVALID_REQUEST,
                 "the stored request no longer passes validation (were the size limits lowered?)",
+                original=original,
             )
             return
+        del original  # memory: the parsed request is all the call needs
         # Step 1: the intent, durable before the HTTP call.
         resubmission = entry.in_doubt
         entry.state = "submitting"
@@ -507,7 +595,6 @@ class Engine(EngineHooks):
             raise
         finally:
             self._in_call.discard(key)
-            entry.request = None  # memory: parsed again from the original bytes when needed
         # Step 4: the outcome.
         await self._submitted(entry, submission)
 
@@ -769,13 +856,22 @@ class Engine(EngineHooks):
         metrics.CONVERSION_DURATION.labels(metrics.doc_type_label(doc_type)).observe(elapsed)
         metrics.STATUS_CALLS_PER_CONVERSION.observe(entry.status_calls)
 
+    async def _metadata(self, entry: Entry) -> dict[str, Any] | None:
+        """The request's metadata (read back from the document when too large to keep)."""
+        if not entry.metadata_in_document:
+            return entry.metadata
+        async with self._holding(entry):
+            original = await self._read_original(entry)
+        accepted = parse_original(original, self._limits)
+        return accepted.request.metadata if accepted is not None else None
+
     async def _succeeded(self, entry: Entry, status: ConversionStatus, elapsed: float) -> None:
         self._observe_finished(entry, status, elapsed)
         result = build_result(
             request_id=entry.request_id,
             status=status,
             document_type_code=entry.document_type_code,
-            metadata=entry.metadata,
+            metadata=await self._metadata(entry),
             filename=entry.filename,
             received_at=entry.received_at,
             submitted_at=entry.submitted_at,
@@ -789,15 +885,28 @@ class Engine(EngineHooks):
             status_calls=entry.status_calls,
             seconds=round(elapsed, 3),
         )
-        await self._finish(
-            entry,
-            OutRecord(
-                self._s.result_topic,
-                entry.request_id.encode(),
-                result.model_dump_json().encode(),
-                entry.header_tuples(),
-            ),
+        record = OutRecord(
+            self._s.result_topic,
+            entry.request_id.encode(),
+            result.model_dump_json().encode(),
+            entry.header_tuples(),
         )
+        del result
+        limit = self._output_limits.get(self._s.result_topic)
+        size = record_bytes(record.key, record.value, record.headers)
+        if limit is not None and size > limit:
+            # Produced, it would fail the whole transaction, and every retry after it.
+            await self._dead_letter(
+                entry,
+                DeadLetterReason.RESULT_TOO_LARGE,
+                f"the result of conversion {entry.conversion_id} is {size} bytes, over the "
+                f"{limit} bytes the results topic {self._s.result_topic} takes "
+                "(its max.message.bytes); fetch the data from DocuTray with "
+                f"GET /api/convert-async/status/{entry.conversion_id} while DocuTray keeps it, "
+                "or raise the topic's max.message.bytes (and BRIDGE_MAX_RESULT_BYTES) and replay",
+            )
+            return
+        await self._finish(entry, record)
 
     async def _status_failed(self, entry: Entry, exc: DocuTrayError) -> None:
         verdict = classify_status_error(exc)

@@ -58,42 +58,30 @@ def entry_footprint(n: int = 5000) -> dict[str, Any]:
     import tracemalloc
     from datetime import UTC, datetime
 
-    from bench.harness import request_value
-    from service.intake import original_record
-    from service.messages import PendingRecord
-    from service.pending import Limits, entry_from_changelog
+    from service.messages import DocumentRef, PendingRecord
+    from service.pending import entry_from_changelog
 
-    png = b64(samples.png(1, 1))
     now = datetime.now(UTC)
     values = [
         PendingRecord(
             request_id=f"bench-s3-abcdef-{i:06d}",
             state="submitted",
-            original=original_record(
-                topic="bench-s3-abcdef.requests",
-                partition=i % 6,
-                offset=i,
-                timestamp_ms=1_700_000_000_000,
-                key=f"bench-s3-abcdef-{i:06d}".encode(),
-                value=request_value(
-                    f"bench-s3-abcdef-{i:06d}", document_b64=png, content_type="image/png"
-                ),
-                headers=None,
-            ),
+            document_type_code="invoice",
+            document=DocumentRef(partition=i % 6, offset=i, size_bytes=1200),
             received_at=now,
             attempts=1,
             conversion_id=f"c{i:024d}",
             submitted_at=now,
+            content_hash=f"{i:032x}",
         )
         .model_dump_json()
         .encode()
         for i in range(n)
     ]
-    limits = Limits(max_request_bytes=16 * 2**20, max_document_bytes=100 * 2**20)
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    entries = [entry_from_changelog(v, partition=0, epoch=1, limits=limits) for v in values]
+    entries = [entry_from_changelog(v, partition=0, epoch=1) for v in values]
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     del entries
