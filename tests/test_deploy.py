@@ -66,6 +66,8 @@ HEADLESS = f"{FULLNAME}-headless"
 DEFAULT_VALUES = CHART / "ci" / "default-values.yaml"
 WORKLOAD_KINDS = {"StatefulSet", "Deployment"}
 ALERTS = {
+    "DocutrayBridgeDown",
+    "DocutrayBridgeAbsent",
     "DocutrayBridgeInvalidApiKey",
     "DocutrayBridgeDeadLetterRateHigh",
     "DocutrayBridgeBacklogStuck",
@@ -963,17 +965,28 @@ def test_dashboard_structure() -> None:
         "docutray_bridge_ready",
         "docutray_bridge_consumption_paused",
         "docutray_bridge_limiter_degraded",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
     ):
         assert metric in used, metric
+    # A pod variable (ServiceMonitor scrapes label targets with `pod`) that every query honours.
+    assert variables["pod"]["allValue"] == ".*"
+    for p in panels:
+        for t in p.get("targets", []):
+            assert 'pod=~"$pod"' in t["expr"], t["expr"]
 
 
 def test_dashboard_and_rules_use_only_exported_metrics() -> None:
     exprs = dashboard_exprs(load_dashboard()) + rule_exprs(load_rules())
     scrape = scrape_text()
-    assert unknown_metrics(exprs, scrape) == set()
+    # `up` is the series Prometheus writes for every scrape target (the bridge cannot
+    # export it: it is what says the bridge did not answer).
+    assert unknown_metrics(exprs, scrape) == {"up"}
     used = set().union(*(promql_metric_names(e) for e in exprs))
     assert len(used) >= 20
-    assert all(name.startswith("docutray_bridge_") for name in used), used
+    # The bridge's own metrics, its process collector's, and Prometheus' own `up`.
+    assert all(n.startswith(("docutray_bridge_", "process_")) or n == "up" for n in used), used
 
 
 def test_unknown_metrics_flags_a_metric_the_service_does_not_export() -> None:
@@ -1067,7 +1080,7 @@ def test_promql_syntax_of_dashboard_rules_and_keda_query(tmp_path: Path) -> None
 def test_alert_rules_pass_promtool_check(tmp_path: Path) -> None:
     proc = promtool("check", "rules", str(RULES))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "7 rules found" in proc.stdout
+    assert f"{len(ALERTS)} rules found" in proc.stdout
     # The PrometheusRule the chart renders is just as valid.
     rule = one(render(CHART / "ci" / "monitoring-values.yaml"), "PrometheusRule")
     path = tmp_path / "rendered.rules.yaml"
@@ -1360,7 +1373,7 @@ def test_compose_prometheus_config_and_rules_pass_promtool(tmp_path: Path) -> No
             shutil.copy(src, dest)
     proc = promtool("check", "config", str(etc / "prometheus.yml"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "7 rules found" in proc.stdout
+    assert f"{len(ALERTS)} rules found" in proc.stdout
 
 
 def test_shell_snippets_in_the_docs_name_real_files() -> None:

@@ -33,8 +33,10 @@ OUTPUT: Final = (
 )
 
 DATASOURCE: Final = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
-#: Label matchers every query carries: the dashboard's namespace/job/instance variables.
-SEL: Final = 'namespace=~"$namespace", job=~"$job", instance=~"$instance"'
+#: Label matchers every query carries: the dashboard's namespace/job/pod/instance variables.
+#: `pod` comes from a ServiceMonitor scrape; without it (compose) "All" (.*) matches the
+#: empty label.
+SEL: Final = 'namespace=~"$namespace", job=~"$job", pod=~"$pod", instance=~"$instance"'
 RATE: Final = "$__rate_interval"
 
 PanelType = Literal["timeseries", "stat", "bargauge", "gauge"]
@@ -471,6 +473,49 @@ ROWS: Final[tuple[Row, ...]] = (
         ),
     ),
     Row(
+        "Pods",
+        (
+            Panel(
+                "CPU",
+                "CPU cores used per replica (the process's own counter). A replica pinned near "
+                "its limit decodes and uploads documents slowly: raise resources or replicas.",
+                (
+                    Query(
+                        f"sum by (instance) (rate({m('process_cpu_seconds_total')}[{RATE}]))",
+                        "{{instance}}",
+                    ),
+                ),
+                unit="short",
+                width=8,
+            ),
+            Panel(
+                "Memory",
+                "Resident memory per replica. Pending conversions and documents in flight hold "
+                "memory; compare with the container's memory limit.",
+                (
+                    Query(
+                        f"sum by (instance) ({m('process_resident_memory_bytes')})",
+                        "{{instance}}",
+                    ),
+                ),
+                unit="bytes",
+                width=8,
+            ),
+            Panel(
+                "Restarts",
+                "Process restarts seen per replica in the last hour (a new process start "
+                "time). A crash loop shows here and in the DocutrayBridgeDown alert.",
+                (
+                    Query(
+                        f"sum by (instance) (changes({m('process_start_time_seconds')}[1h]))",
+                        "{{instance}}",
+                    ),
+                ),
+                width=8,
+            ),
+        ),
+    ),
+    Row(
         "Kafka transactions and recovery",
         (
             Panel(
@@ -683,9 +728,15 @@ def build() -> dict[str, Any]:
                     "job", "Job", f'label_values({build_info}{{namespace=~"$namespace"}}, job)'
                 ),
                 _query_variable(
+                    "pod",
+                    "Pod",
+                    f'label_values({build_info}{{namespace=~"$namespace", job=~"$job"}}, pod)',
+                ),
+                _query_variable(
                     "instance",
                     "Replica",
-                    f'label_values({build_info}{{namespace=~"$namespace", job=~"$job"}}, instance)',
+                    f"label_values({build_info}"
+                    '{namespace=~"$namespace", job=~"$job", pod=~"$pod"}, instance)',
                 ),
             ]
         },
