@@ -242,6 +242,50 @@ class Settings(BaseSettings):
         default=1, ge=1, validation_alias=AliasChoices("BRIDGE_EXPECTED_REPLICAS")
     )
 
+    # DocuTray's plan: quota, usage, webhooks (issue 14)
+    quota_probe_interval_s: float = Field(
+        default=300.0,
+        gt=0,
+        validation_alias=AliasChoices("BRIDGE_QUOTA_PROBE_INTERVAL_S"),
+        description="After a 402 without a resetDate, submissions are tried again this often.",
+    )
+    usage_poll_interval_s: float = Field(
+        default=300.0,
+        ge=0,
+        validation_alias=AliasChoices("BRIDGE_USAGE_POLL_INTERVAL_S"),
+        description="One replica at a time reads GET /api/usage this often (0: never).",
+    )
+    monthly_page_budget: int = Field(
+        default=0, ge=0, validation_alias=AliasChoices("BRIDGE_MONTHLY_PAGE_BUDGET")
+    )
+    webhooks_enabled: bool = Field(
+        default=False, validation_alias=AliasChoices("BRIDGE_WEBHOOKS_ENABLED")
+    )
+    webhook_port: int = Field(
+        default=9401, ge=0, le=65535, validation_alias=AliasChoices("BRIDGE_WEBHOOK_PORT")
+    )
+    webhook_host: str = Field(
+        default="0.0.0.0", validation_alias=AliasChoices("BRIDGE_WEBHOOK_HOST")
+    )
+    webhook_max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        validation_alias=AliasChoices("BRIDGE_WEBHOOK_MAX_BODY_BYTES"),
+    )
+    webhook_rate_per_source: float = Field(
+        default=50.0,
+        gt=0,
+        validation_alias=AliasChoices("BRIDGE_WEBHOOK_RATE_PER_SOURCE"),
+        description="Posts per second one source address may make (burst: twice as many).",
+    )
+    webhook_fallback_poll_s: float = Field(
+        default=30.0,
+        gt=0,
+        validation_alias=AliasChoices("BRIDGE_WEBHOOK_FALLBACK_POLL_S"),
+        description="With webhooks on, no status call comes sooner than this after the "
+        "previous one (or the submit) unless a webhook wakes it.",
+    )
+
     # Polling
     poll_default_median_s: float = Field(
         default=5.0, gt=0, validation_alias=AliasChoices("BRIDGE_POLL_DEFAULT_MEDIAN_S")

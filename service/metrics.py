@@ -211,6 +211,57 @@ HEARTBEAT = Gauge(
     "Unix time of the processing loop's last heartbeat (liveness).",
 )
 
+# DocuTray's plan (issue 14): quota, submit holds, usage, webhooks.
+SUBMIT_HOLD_REASONS: Final = ("quota_exhausted", "rate_limit_hour", "rate_limit_day", "other")
+WEBHOOK_OUTCOMES: Final = (
+    "routed",
+    "unrouted",
+    "invalid",
+    "too_large",
+    "rate_limited",
+    "produce_failed",
+)
+WAKEUP_OUTCOMES: Final = ("woke", "unknown", "finished", "mismatch", "early")
+QUOTA_EXHAUSTED = Gauge(
+    "docutray_bridge_quota_exhausted",
+    "1 while submissions are paused on every replica: DocuTray's monthly quota is spent (402).",
+)
+QUOTA_RESET = Gauge(
+    "docutray_bridge_quota_reset_timestamp_seconds",
+    "Unix time DocuTray gave for the quota's reset (resetDate); 0 when unknown.",
+)
+SUBMIT_HELD = Gauge(
+    "docutray_bridge_submissions_held",
+    "1 while submissions are held on every replica (shared gate), by reason.",
+    ["reason"],
+)
+USAGE_PAGES = Gauge(
+    "docutray_bridge_usage_pages",
+    "Pages DocuTray converted successfully this month for the organisation (GET /api/usage).",
+)
+USAGE_CONVERSIONS = Gauge(
+    "docutray_bridge_usage_conversions",
+    "Successful conversions this month for the organisation (GET /api/usage).",
+)
+USAGE_UPDATED = Gauge(
+    "docutray_bridge_usage_updated_timestamp_seconds",
+    "Unix time this replica last read GET /api/usage (one replica at a time does).",
+)
+MONTHLY_PAGE_BUDGET = Gauge(
+    "docutray_bridge_monthly_page_budget",
+    "BRIDGE_MONTHLY_PAGE_BUDGET (0: not set); alert at 80 % of it.",
+)
+WEBHOOKS = Counter(
+    "docutray_bridge_webhooks_total",
+    "Webhook posts received on BRIDGE_WEBHOOK_PORT, by outcome.",
+    ["outcome"],
+)
+WEBHOOK_WAKEUPS = Counter(
+    "docutray_bridge_webhook_wakeups_total",
+    "Completion records read by the owning replica, by outcome (woke: a status call is due).",
+    ["outcome"],
+)
+
 _seen_doc_types: set[str] = set()
 _doc_types_lock = threading.Lock()
 
@@ -284,6 +335,12 @@ def init_series() -> None:
         RESUBMISSIONS.labels(reason)
     for reason in PAUSE_REASONS:
         CONSUMPTION_PAUSED.labels(reason)
+    for reason in SUBMIT_HOLD_REASONS:
+        SUBMIT_HELD.labels(reason)
+    for outcome in WEBHOOK_OUTCOMES:
+        WEBHOOKS.labels(outcome)
+    for outcome in WAKEUP_OUTCOMES:
+        WEBHOOK_WAKEUPS.labels(outcome)
     LIMITER_DEGRADED.set(0)
     ASSIGNED_PARTITIONS.set(0)
     READY.set(0)
