@@ -1,8 +1,10 @@
 """A graceful stop and a scale-out resubmit nothing (issue 11, item 5).
 
-DocuTray answers every call after 20 s, 300 requests are queued and many submits are in
-flight. The replica gets SIGTERM and is restarted; then a second replica joins, so
-partitions are revoked from the first while its submits are under way. A stop or a revoke
+DocuTray answers every call after 20 s, 300 requests are queued, and the submit rate
+(6/s after a burst of 50) keeps calls of every age under way (0 to 20 s old, about 120 at
+once), so whenever a stop or a revoke comes, some calls have just started. The replica gets
+SIGTERM and is restarted; then a second replica joins, so partitions are revoked from the
+first while its submits are under way. A stop or a revoke
 starts no new submit, lets the calls under way finish (within the grace) and commit them,
 and puts the submits still waiting for a slot or permit back to ``queued``. So DocuTray
 sees exactly one conversion per request id, every request gets exactly one outcome, and no
@@ -75,18 +77,20 @@ def test_sigterm_restart_and_scale_out_under_slow_submits_resubmit_nothing(
         BRIDGE_TOPIC_PARTITIONS="6",
         BRIDGE_SHUTDOWN_GRACE_S="30",
         KAFKA_CONSUMER_SESSION_TIMEOUT_MS="6000",
-        # 64 submit slots: many calls under way at once.
-        DOCUTRAY_MAX_CONNECTIONS="128",
+        # 128 submit slots: a call starts as soon as its permit comes (6/s), never waits for
+        # a connection, so calls under way are spread evenly over the last 20 s.
+        DOCUTRAY_MAX_CONNECTIONS="256",
+        BRIDGE_SUBMIT_RATE_PER_MINUTE="360",
     )
     s = Scenario(name="graceful stop + scale-out, 20 s answers", rig=rig, emulator=emu)
     g1 = s.bridge("g1", BRIDGE_INSTANCE_ID="g1")
     s.ready(g1)
     s.send([pdf_request(f"gr-{i}") for i in range(REQUESTS)])
 
-    # 1. SIGTERM right after 40 calls reached DocuTray (each answers in 20 s: with a 30 s grace
-    # every one of them must finish), then restart under the same id.
+    # 1. SIGTERM once the burst and 30 more calls reached DocuTray (each answers in 20 s:
+    # with a 30 s grace every one of them must finish), then restart under the same id.
     s.wait_until(
-        lambda: emu.stats()["slow_responses"] >= 40, 60, "40 calls under way", interval_s=0.02
+        lambda: emu.stats()["slow_responses"] >= 80, 60, "80 calls under way", interval_s=0.05
     )
     in_flight = _submitting(s, g1)
     s.note(f"g1: {in_flight:g} submitting at SIGTERM")
