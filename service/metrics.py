@@ -215,6 +215,7 @@ HEARTBEAT = Gauge(
 SUBMIT_HOLD_REASONS: Final = ("quota_exhausted", "rate_limit_hour", "rate_limit_day", "other")
 WEBHOOK_OUTCOMES: Final = (
     "routed",
+    "ignored",
     "unrouted",
     "invalid",
     "too_large",

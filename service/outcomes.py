@@ -20,6 +20,7 @@ from service.docutray import (
     ConversionStatus,
     DocuTrayError,
     InvalidApiKey,
+    QuotaExhausted,
     RateLimited,
     RequestRejected,
     SystemicError,
@@ -38,7 +39,7 @@ from service.messages import (
 )
 
 Action = Literal["dead_letter", "retry", "pause", "resubmit"]
-PauseReason = Literal["invalid_api_key", "api_misconfigured", "api_unreachable"]
+PauseReason = Literal["invalid_api_key", "api_misconfigured", "api_unreachable", "quota_exhausted"]
 #: Pause reasons the systemic probe clears when DocuTray answers again.
 SYSTEMIC_PAUSES: tuple[PauseReason, ...] = (
     "invalid_api_key",
@@ -117,7 +118,10 @@ def classify_status_error(exc: DocuTrayError) -> Verdict:
 
 
 def _systemic(exc: SystemicError) -> Verdict:
-    """401 is a bad key; 403 on submit or an unexplained 404 mean a wrong base URL or plan."""
+    """401 is a bad key; 402 a spent monthly quota (submissions pause on every replica, status
+    calls go on); 403 on submit or an unexplained 404 mean a wrong base URL or plan."""
+    if isinstance(exc, QuotaExhausted):
+        return Verdict("pause", pause="quota_exhausted")
     if isinstance(exc, InvalidApiKey):
         return Verdict("pause", pause="invalid_api_key")
     return Verdict("pause", pause="api_misconfigured")

@@ -48,6 +48,7 @@ from service.docutray import (
     ConversionStatus,
     DocuTrayClient,
     DocuTrayError,
+    QuotaExhausted,
     RateLimited,
     Submission,
 )
@@ -135,6 +136,8 @@ class Engine(EngineHooks):
         self.heartbeat = time.monotonic()
         self._gauges_dirty = True
         self._gauges_at = 0.0
+        #: When this replica last got a 402 with no accepted submit since (None: quota fine).
+        self._quota_since: float | None = None
 
     # ---- hooks from the Kafka thread (run in the event loop) ----
 
@@ -240,7 +243,7 @@ class Engine(EngineHooks):
             self._refresh_gauges(now)
             if not self._paused:
                 free = self._s.max_inflight_submits - len(self._submit_tasks)
-                if free > 0:
+                if free > 0 and not self._submits_held():
                     for key in self._submit_due.pop_due(now, limit=free):
                         if key[0] in self._revoking:
                             continue  # the partition's next owner submits it
@@ -612,6 +615,7 @@ class Engine(EngineHooks):
 
     async def _submitted(self, entry: Entry, submission: Submission) -> None:
         self._api_ok()
+        self._quota_back()
         metrics.SUBMISSIONS.labels("accepted", "2xx").inc()
         self._limiter.on_success("submit")
         entry.state = "submitted"
@@ -969,8 +973,16 @@ class Engine(EngineHooks):
         b = budget
         if isinstance(exc, RateLimited):
             metrics.RATE_LIMITED.labels(b).inc()
-            await self._limiter.on_rate_limited(b, retry_after_s=exc.retry_after_s)
-        if verdict.pause is not None:
+            # An hour or day window holds submissions on every replica until its reset.
+            await self._limiter.on_rate_limited(
+                b,
+                retry_after_s=exc.retry_after_s,
+                limit_type=exc.limit_type,
+                reset_at=exc.reset_at,
+            )
+        if isinstance(exc, QuotaExhausted):
+            await self._quota_exhausted(exc)
+        elif verdict.pause is not None:
             self._enter_pause(verdict.pause, describe_error(exc))
         elif verdict.transport:
             down_s = time.monotonic() - self._last_api_ok
@@ -1024,3 +1036,123 @@ class Engine(EngineHooks):
             self._api_ok()
             log.info("consumption_resumed_systemic", action="none: DocuTray answers again")
             self._wake.set()
+
+    # ---- DocuTray's plan: monthly quota, submit holds, webhook wake-ups (issue 14) ----
+
+    async def _quota_exhausted(self, exc: QuotaExhausted) -> None:
+        """A 402: pause submissions on every replica (shared gate, reason ``quota_exhausted``).
+
+        The pause lasts until the quota's ``resetDate`` when DocuTray gave one, but never
+        longer than ``BRIDGE_QUOTA_PROBE_INTERVAL_S``: when it ends, the next submissions are
+        the probe (a plan upgraded mid-month is noticed; a quota still spent answers 402 and
+        pauses again). Status calls go on; nothing is dead-lettered; the request that got
+        the 402 is queued again without counting an attempt.
+        """
+        now = time.time()
+        reset = exc.reset_at.timestamp() if exc.reset_at is not None else None
+        until = now + self._s.quota_probe_interval_s
+        if reset is not None and now < reset < until:
+            until = reset
+        first = self._quota_since is None
+        self._quota_since = time.monotonic()
+        metrics.QUOTA_EXHAUSTED.set(1)
+        metrics.QUOTA_RESET.set(reset or 0)
+        await self._limiter.pause_submissions("quota_exhausted", until=until)
+        if first:
+            log.error(
+                "quota_exhausted",
+                quota=exc.quota,
+                used=exc.used,
+                reset_at=exc.reset_at.isoformat() if exc.reset_at else None,
+                retry_in_s=round(until - now, 1),
+                action="DocuTray's monthly quota is spent: raise the plan's quota in DocuTray's "
+                "dashboard or wait for its reset; submissions resume by themselves, "
+                "conversions already submitted still complete",
+            )
+
+    def _quota_back(self) -> None:
+        """A submit was accepted: the quota episode (if any) is over on this replica."""
+        if self._quota_since is None:
+            return
+        self._quota_since = None
+        metrics.QUOTA_EXHAUSTED.set(0)
+        log.info("quota_available", action="none: submissions resumed")
+
+    def _submits_held(self) -> bool:
+        """Whether the shared gate holds submissions (a 402 pause, an hour or day 429, a
+        budget window), as last seen: no submit task starts then (each would read its
+        document and write two changelog records only to time out at the gate)."""
+        return self._limiter.submit_hold is not None
+
+    @property
+    def hold_reasons(self) -> frozenset[str]:
+        """Readiness reasons from the plan: ``quota_exhausted`` while the monthly quota is
+        spent (this replica got the 402, or the shared gate says so)."""
+        hold = self._limiter.submit_hold
+        if self._quota_since is not None or (hold is not None and hold.reason == "quota_exhausted"):
+            return frozenset({"quota_exhausted"})
+        return frozenset()
+
+    async def watch_submit_hold(self, *, every_s: float = 2.0) -> None:
+        """Keep this replica's view of the shared submit gate fresh, and its gauges.
+
+        A pause or block another replica set (a 402, an hour or day 429) is read from
+        Redis every ``every_s``; a budget window the limiter itself reported ends on its
+        own. Runs until cancelled; a failed read is retried on the next turn.
+        """
+        while not self._stopping:
+            hold = self._limiter.submit_hold
+            if hold is None or not hold.reason.startswith("budget_"):
+                try:
+                    hold = await self._limiter.read_submit_hold()
+                except Exception as exc:  # the limiter falls back by itself; keep watching
+                    log.warning("submit_hold_read_failed", error=repr(exc))
+            reason = "" if hold is None else hold.reason
+            for label in metrics.SUBMIT_HOLD_REASONS:
+                held = reason == label or (
+                    label == "other" and bool(reason) and reason not in metrics.SUBMIT_HOLD_REASONS
+                )
+                metrics.SUBMIT_HELD.labels(label).set(1 if held else 0)
+            if reason == "quota_exhausted":
+                metrics.QUOTA_EXHAUSTED.set(1)
+            elif self._quota_since is None:
+                metrics.QUOTA_EXHAUSTED.set(0)
+            if hold is None:
+                self._wake.set()
+            await asyncio.sleep(every_s)
+
+    def wake(self, partition: int, request_id: str, conversion_id: str) -> str:
+        """A webhook said conversion ``conversion_id`` of ``request_id`` finished: make its
+        status call due now (one call confirms it and supplies the data; the webhook's own
+        body is never used, so a forged one wastes one call at most). Returns the outcome
+        counted in ``docutray_bridge_webhook_wakeups_total``.
+
+        While the request's submit answer is not recorded yet, or a call for it is under
+        way, the wake-up is tried again shortly (for up to ~5 s), so a webhook that outran
+        the submit's answer, or a status call that started just before the conversion
+        finished, still turns into one prompt confirmation.
+        """
+        outcome = self._try_wake((partition, request_id), conversion_id, tries=0)
+        metrics.WEBHOOK_WAKEUPS.labels(outcome).inc()
+        return outcome
+
+    def _try_wake(self, key: Key, conversion_id: str, *, tries: int) -> str:
+        entry = self._entries.get(key)
+        if entry is None:
+            return "unknown"  # finished already, another owner's, or forged
+        busy = key in self._tasks_by_key or (
+            entry.conversion_id is None and entry.state == "submitting"
+        )
+        if busy:
+            if tries < 20 and not self._stopping:
+                asyncio.get_running_loop().call_later(
+                    0.25, lambda: self._try_wake(key, conversion_id, tries=tries + 1)
+                )
+            return "early" if entry.conversion_id is None else "woke"
+        if entry.conversion_id != conversion_id:
+            return "mismatch"
+        due = self._poll_due.due_at(key)
+        if due is None or due > time.monotonic():
+            self._poll_due.schedule(key, time.monotonic())
+            self._wake.set()
+        return "woke"
