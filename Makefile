@@ -20,10 +20,11 @@ PYTEST_ARGS ?= -ra -n 2 --dist loadfile
 BENCH_ARGS ?=
 SOAK_ARGS ?=
 
-.PHONY: help venv lock tools image stack-up stack-down lint typecheck test demo bench soak clean distclean
+.PHONY: help venv lock tools unit image stack-up stack-down lint typecheck test demo bench soak clean distclean
 
 help:
 	@echo "make test        install, lint, typecheck, stack up, pytest, stack down (always)"
+	@echo "make unit        unit tests and the engine in-process: no Kafka, no Redis, ~1 min"
 	@echo "make demo        install, stack up, run the bridge end to end against the emulator"
 	@echo "make venv        create .venv and install '.[dev]' pinned by constraints.txt"
 	@echo "make lock        regenerate constraints.txt from .venv"
@@ -68,6 +69,17 @@ stack-up:
 
 stack-down:
 	$(STACK) down
+
+# The fast loop: pure logic and the engine in-process (Kafka and DocuTray faked); no broker,
+# no Redis, about a minute. The end-to-end suites run in `make test`.
+UNIT_TESTS := tests/test_dedupe.py tests/test_engine.py tests/test_pending.py \
+	tests/test_intake.py tests/test_outcomes.py tests/test_messages.py tests/test_schemas.py \
+	tests/test_scheduler.py tests/test_ratelimit_policy.py tests/test_ratelimit_local.py \
+	tests/test_config.py tests/test_logging.py tests/test_docutray_client.py tests/test_readme.py \
+	tests/test_emulator_units.py tests/test_health.py tests/chaos/test_checker.py
+
+unit: venv
+	env -u KAFKA_BOOTSTRAP_SERVERS -u REDIS_URL $(BIN)/pytest -q -n 2 $(UNIT_TESTS)
 
 lint: venv
 	$(BIN)/ruff check . $(STACK)
