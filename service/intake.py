@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.messages import (
+    ROUTE_METADATA_KEY,
     SUPPORTED_CONTENT_TYPES,
     DeadLetterReason,
     DocumentRequest,
@@ -364,6 +365,14 @@ def _judge_value(
     except ValidationError as exc:
         reason, message = _describe_validation(exc)
         return Rejected(reason, message, request_id, doc_type)
+    if request.metadata is not None and ROUTE_METADATA_KEY in request.metadata:
+        return Rejected(
+            DeadLetterReason.INVALID_REQUEST,
+            f"metadata key {ROUTE_METADATA_KEY!r} is reserved for the bridge's webhook routing; "
+            "rename it",
+            request.request_id,
+            request.document_type_code,
+        )
 
     source = request.source
     if source.base64 is None:

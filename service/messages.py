@@ -107,6 +107,12 @@ class DocumentSource(_Model):
         return self
 
 
+#: The key of `document_metadata` the bridge sends to DocuTray to route webhooks back to the
+#: request's partition (``{"request_id": ..., "partition": ...}``); never in a result, and a
+#: request whose own metadata uses it is rejected as ``invalid_request``.
+ROUTE_METADATA_KEY = "_docutray_bridge"
+
+
 class DocumentRequest(_Model):
     """A request to convert one document (the input topic's record value)."""
 
@@ -164,6 +170,13 @@ class ConversionResult(_Model):
     filename: str | None = None
     original_filename: str | None = Field(
         default=None, description="The file name DocuTray recorded."
+    )
+    pages: int | None = Field(
+        default=None,
+        ge=0,
+        exclude_if=lambda value: value is None,
+        description="Pages DocuTray converted, when its status answer reports them "
+        "(absent otherwise).",
     )
     timings: ConversionTimings
 

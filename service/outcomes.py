@@ -155,6 +155,7 @@ def build_result(
         metadata=metadata,
         filename=filename,
         original_filename=status.original_filename,
+        pages=status.pages,
         timings=ConversionTimings(
             received_at=received_at,
             submitted_at=submitted_at,
