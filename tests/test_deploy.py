@@ -839,6 +839,7 @@ def test_chart_defaults_equal_the_bridge_defaults() -> None:
         "BRIDGE_LOG_FORMAT": "json",
         "BRIDGE_EXPECTED_REPLICAS": 2,
         "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",
+        "BRIDGE_MEMORY_BUDGET_MB": 1024,  # the container's memory limit, 1Gi
     }
     for variable, field in _aliases().items():
         if variable not in data:
@@ -1407,3 +1408,32 @@ def test_production_doc_is_linked_and_its_references_exist() -> None:
     # Every setting the doc names is one the bridge reads.
     for name in set(re.findall(r"\b(BRIDGE_[A-Z_]+|DOCUTRAY_[A-Z_]+)\b", doc)):
         assert name in _aliases(), name
+
+
+@pytest.mark.parametrize(
+    ("limit", "mib"),
+    [("2Gi", "2048"), ("1536Mi", "1536"), ("800M", "762"), ("1000000000", "953"), ("1G", "953")],
+)
+def test_memory_budget_follows_the_memory_limit(limit: str, mib: str) -> None:
+    docs = render(sets=(f"resources.limits.memory={limit}",))
+    assert config_data(docs)["BRIDGE_MEMORY_BUDGET_MB"] == mib
+
+
+def test_memory_budget_explicit_absent_or_too_small() -> None:
+    docs = render(sets=("memoryBudgetMB=300",))
+    assert config_data(docs)["BRIDGE_MEMORY_BUDGET_MB"] == "300"
+    no_limit = render(sets=("resources.limits=null",))
+    assert "BRIDGE_MEMORY_BUDGET_MB" not in config_data(no_limit)  # the bridge's own default
+    assert "minimum of 64Mi" in render_error("resources.limits.memory=32Mi")
+
+
+def test_webhook_port_opens_only_when_webhooks_are_on() -> None:
+    assert [p["name"] for p in container(render())["ports"]] == ["metrics"]
+    docs = render(
+        sets=("settings.BRIDGE_WEBHOOKS_ENABLED=true", "settings.BRIDGE_WEBHOOK_PORT=9555")
+    )
+    assert {"name": "webhook", "containerPort": 9555, "protocol": "TCP"} in container(docs)["ports"]
+    service = one(docs, "Service", FULLNAME)
+    assert {"name": "webhook", "port": 9555, "targetPort": "webhook", "protocol": "TCP"} in (
+        service["spec"]["ports"]
+    )

@@ -166,6 +166,32 @@ BRIDGE_EXPECTED_REPLICAS: explicit, else maxReplicas under autoscaling, else rep
 {{- end }}
 
 {{/*
+BRIDGE_MEMORY_BUDGET_MB: explicit, else the container's memory limit in MiB (a Kubernetes
+quantity: 1Gi, 1536Mi, 2G, 800M, 1048576000...), else "" (the bridge's own default).
+*/}}
+{{- define "docutray-bridge.memoryBudgetMB" -}}
+{{- if .Values.memoryBudgetMB }}
+{{- .Values.memoryBudgetMB | int }}
+{{- else }}
+{{- $limit := "" }}
+{{- with .Values.resources }}{{ with .limits }}{{ with .memory }}{{ $limit = toString . }}{{ end }}{{ end }}{{ end }}
+{{- if $limit }}
+{{- $number := regexFind "^[0-9.]+" $limit | float64 }}
+{{- $suffix := regexReplaceAll "^[0-9.]+" $limit "" }}
+{{- $perMiB := dict "Ki" (divf 1 1024) "Mi" 1.0 "Gi" 1024.0 "Ti" 1048576.0 "k" (divf 1000 1048576) "K" (divf 1000 1048576) "M" (divf 1000000 1048576) "G" (divf 1000000000 1048576) "T" (divf 1000000000000 1048576) "" (divf 1 1048576) }}
+{{- if not (hasKey $perMiB $suffix) }}
+{{- fail (printf "resources.limits.memory %q: unknown unit; set memoryBudgetMB" $limit) }}
+{{- end }}
+{{- $mib := mulf $number (get $perMiB $suffix) | floor | int64 }}
+{{- if lt $mib 64 }}
+{{- fail (printf "resources.limits.memory %s is under the bridge's minimum of 64Mi" $limit) }}
+{{- end }}
+{{- $mib }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 terminationGracePeriodSeconds: the drain timeout plus 5 s for the process to exit.
 */}}
 {{- define "docutray-bridge.terminationGracePeriodSeconds" -}}
@@ -197,6 +223,9 @@ chart values first, then `settings` and `kafka.config` (which win).
   "BRIDGE_METRICS_PORT" .Values.metrics.port
   "BRIDGE_SHUTDOWN_GRACE_S" .Values.shutdownGraceSeconds
 -}}
+{{- with include "docutray-bridge.memoryBudgetMB" . }}
+{{- $_ := set $derived "BRIDGE_MEMORY_BUDGET_MB" (. | int) }}
+{{- end }}
 {{- $env := merge (deepCopy (default dict .Values.kafka.config)) (deepCopy (default dict .Values.settings)) $derived -}}
 {{- toYaml $env }}
 {{- end }}
@@ -259,4 +288,15 @@ Fail rendering on combinations that cannot work. Included by the workload.
 {{- fail (printf "kafka.config.%s looks secret: put it in the Secret named by kafka.existingSecret" $name) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+Whether BRIDGE_WEBHOOKS_ENABLED is on ("true" or ""), and the webhook port.
+*/}}
+{{- define "docutray-bridge.webhooksEnabled" -}}
+{{- if eq (toString (get (include "docutray-bridge.configEnv" . | fromYaml) "BRIDGE_WEBHOOKS_ENABLED")) "true" }}true{{ end }}
+{{- end }}
+
+{{- define "docutray-bridge.webhookPort" -}}
+{{- get (include "docutray-bridge.configEnv" . | fromYaml) "BRIDGE_WEBHOOK_PORT" | default 9401 | int }}
 {{- end }}
