@@ -347,6 +347,13 @@ def _cut_headers(
     return kept, used, cut
 
 
+def _header_key_size(header: OriginalHeader) -> int:
+    """Bytes of a header's key as consumed (a lost key's are unknown: counted as none)."""
+    if header.key_lost:
+        return 0
+    return _size(header.key_bytes.raw() if header.key_bytes is not None else header.key)
+
+
 def _bounded(letter: DeadLetter, max_bytes: int) -> DeadLetter:
     """`letter` cut to fit `max_bytes` (see :func:`build_dead_letter`)."""
     message = letter.message
@@ -370,7 +377,7 @@ def _bounded(letter: DeadLetter, max_bytes: int) -> DeadLetter:
         orig.headers_size
         if orig.headers_truncated
         else sum(
-            _size(h.key_bytes.raw() if h.key_bytes is not None else h.key)
+            _header_key_size(h)
             + (_whole(h.value, h.value_size, h.value_sha256)[0] if h.value is not None else 0)
             for h in orig.headers
         )
