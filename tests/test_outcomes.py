@@ -599,3 +599,12 @@ def test_a_long_message_and_api_error_are_bounded_when_the_letter_is_cut() -> No
         f"{len(json.dumps(safe_api_body(exc.body)))} bytes, is left out)"
     )
     assert letter.api_error is None
+
+
+def test_headers_size_counts_key_bytes_as_consumed() -> None:
+    headers = [(b"\xff\xfe", b"v" * 10), (None, b"w" * 10), ("ok", b"\x00" * MiB)]
+    letter = _letter(_record(headers=headers), max_bytes=64 * 1024)
+    assert dead_letter_bytes(letter) <= 64 * 1024
+    # ff fe (2) + 10, the lost key (unknown: 0) + 10, "ok" (2) + 1 MiB
+    assert letter.original.headers_size == 2 + 10 + 10 + 2 + MiB
+    assert letter.original.headers_count == 3
