@@ -46,11 +46,20 @@ from service.pipeline import Engine
 from service.ratelimit import build_limiter
 from service.scheduler import DurationModel, PollPolicy
 from service.topics import (
+    completions_topic,
     dedupe_topic,
     documents_topic,
     ensure_topics,
     producer_max_message_bytes,
     record_limits,
+)
+from service.usage import UsageWatcher
+from service.webhooks import (
+    CompletionProducer,
+    CompletionsReader,
+    FallbackPollPolicy,
+    WebhookReceiver,
+    webhook_server,
 )
 
 log = structlog.get_logger(__name__)
@@ -226,12 +235,24 @@ async def run_bridge(settings: Settings) -> int:
         metrics.LIMITER_EFFECTIVE_RATE.labels(budget).set(
             limiter.effective_rate_per_minute(budget) / 60
         )
-    policy = PollPolicy(
-        model=DurationModel(default_median_s=settings.poll_default_median_s),
-        first_poll_quantile=settings.poll_first_quantile,
-        min_interval_s=settings.poll_min_interval_s,
-        max_interval_s=settings.poll_max_interval_s,
-    )
+    model = DurationModel(default_median_s=settings.poll_default_median_s)
+    policy: PollPolicy
+    if settings.webhooks_enabled:
+        # Webhooks wake conversions; polling is the slower fallback for lost ones.
+        policy = FallbackPollPolicy(
+            floor_s=settings.webhook_fallback_poll_s,
+            model=model,
+            first_poll_quantile=settings.poll_first_quantile,
+            min_interval_s=settings.poll_min_interval_s,
+            max_interval_s=max(settings.poll_max_interval_s, settings.webhook_fallback_poll_s),
+        )
+    else:
+        policy = PollPolicy(
+            model=model,
+            first_poll_quantile=settings.poll_first_quantile,
+            min_interval_s=settings.poll_min_interval_s,
+            max_interval_s=settings.poll_max_interval_s,
+        )
     documents = DocumentReader(ks.common, ks.documents_topic)
     engine = Engine(
         settings=settings,
@@ -265,6 +286,7 @@ async def run_bridge(settings: Settings) -> int:
             joined=kafka.joined.is_set(),
             stopping=stopping.is_set(),
             paused=engine.paused_reasons
+            | engine.hold_reasons
             | ({"kafka_stalled"} if stalled else set())
             | ({"restoring"} if kafka.restoring else set()),
             failure=str(failure) if failure else None,
@@ -292,6 +314,47 @@ async def run_bridge(settings: Settings) -> int:
 
     kafka.start()
     server_task = loop.create_task(server.serve())
+    side_tasks = [loop.create_task(engine.watch_submit_hold())]
+    if settings.usage_poll_interval_s > 0:
+        usage = UsageWatcher(
+            client=client,
+            limiter=limiter,
+            redis_url=redis_url,
+            key_prefix=f"docutray-bridge:{settings.group_id}:",
+            instance=ks.instance_id,
+            interval_s=settings.usage_poll_interval_s,
+            page_budget=settings.monthly_page_budget,
+        )
+        side_tasks.append(loop.create_task(usage.run()))
+    webhook_producer: CompletionProducer | None = None
+    reader: CompletionsReader | None = None
+    webhooks: uvicorn.Server | None = None
+    if settings.webhooks_enabled:
+        topic = completions_topic(settings)
+        webhook_producer = CompletionProducer(ks.common)
+        webhook_producer.start()
+        webhooks = webhook_server(
+            WebhookReceiver(
+                topic=topic,
+                partitions=layout.partitions,
+                producer=webhook_producer,
+                max_body_bytes=settings.webhook_max_body_bytes,
+                rate_per_source=settings.webhook_rate_per_source,
+            ),
+            host=settings.webhook_host,
+            port=settings.webhook_port,
+        )
+        side_tasks.append(loop.create_task(webhooks.serve()))
+        reader = CompletionsReader(
+            ks.common,
+            topic=topic,
+            group_id=settings.group_id,
+            owned=lambda: kafka.assigned,
+            on_completion=engine.wake,
+            loop=loop,
+        )
+        reader.start()
+        log.info("webhooks_listening", port=settings.webhook_port, topic=topic)
     engine_task = loop.create_task(engine.run())
     fatal_wait = loop.create_task(engine.wait_failed())
     watchdog = loop.create_task(
@@ -310,8 +373,15 @@ async def run_bridge(settings: Settings) -> int:
     left = max(1.0, settings.shutdown_grace_s - (time.monotonic() - started))
     joined = await asyncio.to_thread(kafka.join, left)
     server.should_exit = True
-    for task in (engine_task, fatal_wait, stop_wait, watchdog):
+    if webhooks is not None:
+        webhooks.should_exit = True
+    if reader is not None:
+        await asyncio.to_thread(reader.stop)
+    if webhook_producer is not None:
+        await asyncio.to_thread(webhook_producer.close)
+    for task in (engine_task, fatal_wait, stop_wait, watchdog, *side_tasks):
         task.cancel()
+    await asyncio.gather(*side_tasks, return_exceptions=True)
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await asyncio.wait_for(server_task, timeout=2)
     await client.aclose()

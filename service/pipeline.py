@@ -70,6 +70,7 @@ from service.pending import Entry, Limits, Unreadable, parse_original
 from service.ratelimit import Budget, LimiterTimeout, RateLimiter
 from service.scheduler import DueQueue, PollPolicy, retry_delay_s
 from service.topics import documents_topic, record_bytes
+from service.webhooks import routed_metadata
 
 log = structlog.get_logger(__name__)
 
@@ -588,7 +589,7 @@ class Engine(EngineHooks):
                     entry.in_doubt = False
                 # Step 3: the call.
                 try:
-                    submission = await self._call_submit(accepted)
+                    submission = await self._call_submit(accepted, entry)
                 except (DocuTrayError, FetchError) as exc:
                     await self._submit_failed(entry, exc)
                     return
@@ -667,10 +668,10 @@ class Engine(EngineHooks):
             return
         await self._requeue(entry, exc, Verdict("retry"), budget="submit", attempts_charged=True)
 
-    async def _call_submit(self, accepted: Accepted) -> Submission:
+    async def _call_submit(self, accepted: Accepted, entry: Entry) -> Submission:
         req = accepted.request
         src = req.source
-        metadata = req.metadata
+        metadata = self._submit_metadata(req.metadata, entry)
         if src.url is not None and self._s.fetch_mode:
             doc = await fetch_document(
                 src.url,
@@ -1120,6 +1121,15 @@ class Engine(EngineHooks):
             if hold is None:
                 self._wake.set()
             await asyncio.sleep(every_s)
+
+    def _submit_metadata(
+        self, metadata: dict[str, Any] | None, entry: Entry
+    ) -> dict[str, Any] | None:
+        """The ``document_metadata`` to send: with webhooks on, the route back to this
+        request's partition under the reserved key (results echo the request's own)."""
+        if not self._s.webhooks_enabled:
+            return metadata
+        return routed_metadata(metadata, request_id=entry.request_id, partition=entry.partition)
 
     def wake(self, partition: int, request_id: str, conversion_id: str) -> str:
         """A webhook said conversion ``conversion_id`` of ``request_id`` finished: make its

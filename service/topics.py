@@ -52,7 +52,9 @@ from service.errors import BridgeError
 
 log = structlog.get_logger(__name__)
 
-Role = Literal["input", "results", "dead_letters", "changelog", "documents", "dedupe"]
+Role = Literal[
+    "input", "results", "dead_letters", "changelog", "documents", "dedupe", "completions"
+]
 
 #: Kafka's own default for a topic's ``max.message.bytes`` (1 MiB plus the log overhead).
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
@@ -266,6 +268,27 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                 ),
             ),
         ),
+        *_completions_specs(settings),
+    ]
+
+
+def completions_topic(settings: Settings) -> str:
+    """Webhook completions, produced to the request's partition and read by its owner."""
+    return f"{settings.group_id}.completions"
+
+
+def _completions_specs(settings: Settings) -> list[TopicSpec]:
+    """With webhooks on: the co-partitioned completions topic (wake-ups only, kept an hour)."""
+    if not settings.webhooks_enabled:
+        return []
+    return [
+        TopicSpec(
+            role="completions",
+            name=completions_topic(settings),
+            label="completions topic",
+            co_partitioned=True,
+            config={"cleanup.policy": "delete", "retention.ms": "3600000"},
+        )
     ]
 
 
