@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -34,7 +33,8 @@ from tests.fixtures.stack import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "image"
-IMAGE = os.environ.get("IMAGE", "localhost/docutray-bridge:dev")
+# scripts/image writes the id of the image it built here (the tag is shared by checkouts).
+IMAGE_ID = ROOT / ".cache" / "image" / "image.id"
 # A cold build (debootstrap, Debian's Python, the wheels) takes minutes; warm, seconds.
 BUILD_TIMEOUT_S = 1500
 GRACE_S = 15
@@ -63,6 +63,7 @@ def build_inputs() -> str:
 @dataclass(frozen=True)
 class Build:
     engine: list[str]  # e.g. ["podman", "--runtime", "runc"]
+    image: str  # the image's id
     inputs: str  # build_inputs() when the build started
 
 
@@ -74,13 +75,19 @@ def build() -> Build:
     assert proc.returncode == 0, f"scripts/image failed:\n{proc.stderr[-6000:]}"
     which = _run(str(SCRIPT), "--engine")
     assert which.returncode == 0, which.stderr
-    return Build(shlex.split(which.stdout.strip()), inputs)
+    return Build(shlex.split(which.stdout.strip()), IMAGE_ID.read_text().strip(), inputs)
 
 
 @pytest.fixture(scope="module")
 def engine(build: Build) -> list[str]:
     """The engine command scripts/image builds with; tests run containers with it."""
     return build.engine
+
+
+@pytest.fixture(scope="module")
+def image(build: Build) -> str:
+    """The id of the image scripts/image built."""
+    return build.image
 
 
 def run_args(engine: list[str]) -> list[str]:
@@ -96,16 +103,16 @@ def run_args(engine: list[str]) -> list[str]:
     return args
 
 
-def image_inspect(engine: list[str]) -> dict[str, Any]:
-    proc = _run(*engine, "image", "inspect", IMAGE)
+def image_inspect(engine: list[str], image: str) -> dict[str, Any]:
+    proc = _run(*engine, "image", "inspect", image)
     assert proc.returncode == 0, proc.stderr
     data: dict[str, Any] = json.loads(proc.stdout)[0]
     return data
 
 
-def healthcheck_test(engine: list[str]) -> list[str]:
+def healthcheck_test(engine: list[str], image: str) -> list[str]:
     """The image's HEALTHCHECK (docker: Config.Healthcheck; podman: Healthcheck)."""
-    data = image_inspect(engine)
+    data = image_inspect(engine, image)
     check = data["Config"].get("Healthcheck") or data.get("Healthcheck")
     assert check, "the image has no HEALTHCHECK (podman builds need --format docker)"
     test: list[str] = check["Test"]
@@ -181,7 +188,7 @@ def containers(engine: list[str]) -> Iterator[list[Container]]:
 
 
 def bridge_container(
-    engine: list[str], containers: list[Container], rig: Rig, tmp_path: Path, name: str
+    engine: list[str], image: str, containers: list[Container], rig: Rig, tmp_path: Path, name: str
 ) -> BridgeContainer:
     """Start `docutray-bridge run` in the image with the rig's topics, group and emulator."""
     port = free_port()
@@ -199,18 +206,18 @@ def bridge_container(
     container = BridgeContainer(engine, f"dtb-test-{name}-{uuid.uuid4().hex[:8]}", port)
     containers.append(container)
     proc = _run(
-        *run_args(engine), "-d", "--name", container.name, "--env-file", str(env_file), IMAGE, "run"
+        *run_args(engine), "-d", "--name", container.name, "--env-file", str(env_file), image, "run"
     )
     assert proc.returncode == 0, proc.stderr
     return container
 
 
-def test_the_image_runs_as_uid_10001_on_a_read_only_root(engine: list[str]) -> None:
-    config = image_inspect(engine)["Config"]
+def test_the_image_runs_as_uid_10001_on_a_read_only_root(engine: list[str], image: str) -> None:
+    config = image_inspect(engine, image)["Config"]
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["docutray-bridge"]
     assert config["Cmd"] == ["run"]
-    assert healthcheck_test(engine)[:2] == ["CMD", "python"]
+    assert healthcheck_test(engine, image)[:2] == ["CMD", "python"]
     probe = """
         id -u
         python -c 'import os; print("root read-only:", bool(os.statvfs("/").f_flag & os.ST_RDONLY))'
@@ -220,7 +227,7 @@ def test_the_image_runs_as_uid_10001_on_a_read_only_root(engine: list[str]) -> N
         done
         true
     """
-    proc = _run(*run_args(engine), "--rm", "--entrypoint", "sh", IMAGE, "-c", probe)
+    proc = _run(*run_args(engine), "--rm", "--entrypoint", "sh", image, "-c", probe)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.split()
     assert proc.stdout.splitlines()[0] == "10001", proc.stdout
@@ -232,6 +239,7 @@ def test_the_image_runs_as_uid_10001_on_a_read_only_root(engine: list[str]) -> N
 
 def test_the_bridge_in_the_image_processes_requests_and_drains_on_sigterm(
     engine: list[str],
+    image: str,
     containers: list[Container],
     rig_factory: Callable[..., Rig],
     emulator_factory: EmulatorStarter,
@@ -239,11 +247,11 @@ def test_the_bridge_in_the_image_processes_requests_and_drains_on_sigterm(
 ) -> None:
     emulator = emulator_factory(processing_median_s=1.0, processing_sigma=0.3)
     rig = rig_factory(emulator, BRIDGE_SHUTDOWN_GRACE_S=str(GRACE_S))
-    first = bridge_container(engine, containers, rig, tmp_path, "b1")
+    first = bridge_container(engine, image, containers, rig, tmp_path, "b1")
     first.wait_ready()
 
     # The image's HEALTHCHECK, as configured, run inside the container.
-    check = healthcheck_test(engine)[1:]
+    check = healthcheck_test(engine, image)[1:]
     health = _run(*engine, "exec", first.name, *check, timeout_s=30)
     assert health.returncode == 0, health.stdout + health.stderr
 
@@ -269,7 +277,7 @@ def test_the_bridge_in_the_image_processes_requests_and_drains_on_sigterm(
     assert "bridge_stopping" in logs
 
     # A second container takes over what was left: every request has exactly one outcome.
-    second = bridge_container(engine, containers, rig, tmp_path, "b2")
+    second = bridge_container(engine, image, containers, rig, tmp_path, "b2")
     second.wait_ready()
     ids = sent_ids(batch) | sent_ids(load)
     grouped = rig.wait_outcomes(ids, timeout_s=180)
@@ -283,20 +291,24 @@ def test_the_bridge_in_the_image_processes_requests_and_drains_on_sigterm(
             assert bad not in text, f"{container.name}: {bad}\n{text[-3000:]}"
 
 
-def test_demo_runs_in_the_image(engine: list[str], kafka_bootstrap: str, redis_url: str) -> None:
+def test_demo_runs_in_the_image(
+    engine: list[str], image: str, kafka_bootstrap: str, redis_url: str
+) -> None:
     env = ["-e", f"KAFKA_BOOTSTRAP_SERVERS={kafka_bootstrap}", "-e", f"REDIS_URL={redis_url}"]
-    proc = _run(*run_args(engine), "--rm", *env, IMAGE, "demo", timeout_s=300)
+    proc = _run(*run_args(engine), "--rm", *env, image, "demo", timeout_s=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 missing; bridge exit code 0" in proc.stdout, proc.stdout
 
 
-def test_the_emulator_runs_in_the_image(engine: list[str], containers: list[Container]) -> None:
+def test_the_emulator_runs_in_the_image(
+    engine: list[str], image: str, containers: list[Container]
+) -> None:
     """docker-compose.yml runs the emulator from this image too."""
     port = free_port()
     container = Container(engine, f"dtb-test-emulator-{uuid.uuid4().hex[:8]}")
     containers.append(container)
     command = ["emulator", "--host", "127.0.0.1", "--port", str(port), "--api-key", "k"]
-    proc = _run(*run_args(engine), "-d", "--name", container.name, IMAGE, *command)
+    proc = _run(*run_args(engine), "-d", "--name", container.name, image, *command)
     assert proc.returncode == 0, proc.stderr
 
     def healthy() -> bool:
@@ -310,10 +322,8 @@ def test_the_emulator_runs_in_the_image(engine: list[str], containers: list[Cont
 
 
 def test_a_second_build_reuses_every_layer(build: Build) -> None:
-    engine = build.engine
     """Warm: no debootstrap, no download, seconds; the same image when no input changed."""
     inputs = build_inputs()
-    before = _run(*engine, "image", "inspect", "--format", "{{.Id}}", IMAGE).stdout
     started = time.monotonic()
     proc = _run(str(SCRIPT), timeout_s=BUILD_TIMEOUT_S)
     elapsed = time.monotonic() - started
@@ -321,10 +331,9 @@ def test_a_second_build_reuses_every_layer(build: Build) -> None:
     assert "debootstrap" not in proc.stderr
     assert "Collecting" not in proc.stderr + proc.stdout, "pip downloaded packages again"
     assert elapsed < 120, f"a warm build took {elapsed:.0f} s"
-    after = _run(*engine, "image", "inspect", "--format", "{{.Id}}", IMAGE).stdout
     # Where others edit the tree meanwhile (a shared checkout) the image rightly changes.
     if build_inputs() == inputs == build.inputs:
-        assert after == before
+        assert IMAGE_ID.read_text().strip() == build.image
 
 
 def test_hadolint_is_clean_on_the_debian_python_base() -> None:
