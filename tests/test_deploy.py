@@ -426,7 +426,15 @@ def test_service_monitor_and_prometheus_rule() -> None:
     for name, r in rendered.items():
         want = dict(source[name])
         want["labels"] = {**source[name]["labels"], "team": "docs-platform"}
+        # Rules that pick bridge jobs by name also pick this release's Service.
+        want["expr"] = want["expr"].replace(
+            ".*docutray-bridge.*", f".*docutray-bridge.*|{FULLNAME}"
+        )
         assert r == want, name
+    assert (
+        f'up{{job=~".*docutray-bridge.*|{FULLNAME}"}} == 0'
+        in rendered["DocutrayBridgeDown"]["expr"]
+    )
 
 
 def test_prometheus_rule_keeps_rule_severity_over_extra_labels() -> None:
