@@ -62,10 +62,10 @@ def test_quota_spent_mid_stream_pauses_submissions_and_resumes_when_raised(
     # Six complete; the rest wait: no dead letter, not ready with the reason, polls went on.
     wait_for(lambda: len(rig.by_request()) >= 6, 60, message="the quota's six results")
     wait_for(
-        lambda: all(
-            "paused: quota_exhausted" in _readyz(p)["reasons"] for p in (b1, b2) if p.alive
-        )
-        or any("paused: quota_exhausted" in _readyz(p)["reasons"] for p in (b1, b2)),
+        lambda: (
+            all("paused: quota_exhausted" in _readyz(p)["reasons"] for p in (b1, b2) if p.alive)
+            or any("paused: quota_exhausted" in _readyz(p)["reasons"] for p in (b1, b2))
+        ),
         30,
         message="/readyz says quota_exhausted",
     )
@@ -110,17 +110,13 @@ def test_an_hour_window_429_holds_every_replica_until_its_reset(
     assert not _dead_letters(grouped)
     stats = emu.stats()
     hour_429s = stats["rate_limited_by_window"].get("hour", 0)
-    # 24+ calls through an 8-per-6-s window: several windows, each ended by at most a few
-    # 429s (one per replica plus status calls that got it); without the shared hold every
-    # retry during the window would get one.
+    submit_429s = stats["submissions_rejected"].get("429", 0)
+    windows = stats["counted_calls_total"] // 8 + 1
+    # Measured: 25 calls in ~4 windows, 4 submissions refused: one per window (the first
+    # submit after it filled), then neither replica submitted before its resetTime. Two
+    # replicas that each learned on their own would get at least two per window.
     assert hour_429s >= 1, stats
-    assert stats["status_calls"] + stats["submissions_accepted"] >= 24
-    assert hour_429s <= 6 * ((stats["counted_calls_total"] // 8) + 1), stats
-    held = [p.log_tail(400).count('"rate_limit_hour"') for p in (b1, b2)]
-    assert sum(held) >= 1 or any(
-        "submissions_paused" in p.log_tail(400) or "api_rate_limited" in p.log_tail(400)
-        for p in (b1, b2)
-    )
+    assert submit_429s <= windows + 1, stats
 
 
 # ---- webhooks -----------------------------------------------------------------------------
@@ -255,12 +251,14 @@ def test_duplicate_and_forged_webhooks_are_harmless(
         result = grouped[rid][0].result
         assert result is not None and result.data.get("total") != 1_000_000
     wait_for(
-        lambda: sum(
-            p.metric("docutray_bridge_webhook_wakeups_total", outcome=o)
-            for p in procs
-            for o in ("unknown", "mismatch")
-        )
-        >= 25,
+        lambda: (
+            sum(
+                p.metric("docutray_bridge_webhook_wakeups_total", outcome=o)
+                for p in procs
+                for o in ("unknown", "mismatch")
+            )
+            >= 25
+        ),
         20,
         message="forged and duplicate wake-ups counted",
     )
