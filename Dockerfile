@@ -3,7 +3,7 @@
 #   docker build -t docutray-bridge .
 #   docker run --rm docutray-bridge --help
 #   make image        (scripts/image: docker or podman, and a Debian-made base when no
-#                      registry can be reached; see the README's "Container image")
+#                      registry can be reached; see the README's "The container image")
 #
 # Stage 1 builds the project's wheel and installs it with its dependencies (binary
 # wheels only, pinned by constraints.txt when present) into a virtualenv at /opt/venv.
