@@ -123,6 +123,10 @@ def test_megabyte_documents_wait_in_kafka_not_in_memory(
     bridge.kill()
     again = rig.bridge("b1-again", BRIDGE_INSTANCE_ID=bridge.env["BRIDGE_INSTANCE_ID"])
     again.wait_ready(60)
-    assert again.metric("docutray_bridge_pending_conversions") >= 599
+    wait_for(  # the pending gauges refresh twice a second
+        lambda: again.metric("docutray_bridge_pending_conversions") >= 599,
+        10,
+        message="the restarted replica holds the 600 pending requests again",
+    )
     assert _rss_mb(again) < 256
     assert again.metric("docutray_bridge_memory_held_bytes", kind="pending") < 2 * 1024 * 1024
