@@ -75,6 +75,8 @@ ALERTS = {
     "DocutrayBridgeLimiterDegraded",
     "DocutrayBridgeNotReady",
     "DocutrayBridgeHeartbeatStale",
+    "DocutrayBridgeQuotaExhausted",
+    "DocutrayBridgePageBudget80",
 }
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 
