@@ -36,8 +36,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.config import Settings
+from service.topics import dedupe_topic, documents_topic, topic_specs
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+#: Environment variables that are bridge settings (the rest of a run's env is not).
+_SETTING_PREFIXES = ("BRIDGE_", "KAFKA_", "DOCUTRAY_", "REDIS_URL")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -52,6 +57,8 @@ class Context:
     results_dir: Path
     quick: bool
     parallel: bool = True
+    #: Scenario 5's pending count instead of its default (10,000; 200 with --quick).
+    big_pending: int | None = None
 
 
 def wait_until(
@@ -392,12 +399,52 @@ class Run:
     def changelog_topic(self) -> str:
         return f"{self.group}.pending-changelog"
 
-    def create_topics(self) -> None:
-        """Create the input, result and dead-letter topics (the bridge adds its changelog)."""
+    @property
+    def documents_topic(self) -> str:
+        return documents_topic(self.settings())
+
+    @property
+    def dedupe_topic(self) -> str:
+        return dedupe_topic(self.settings())
+
+    def settings(self, **overrides: str) -> Settings:
+        """The bridge's settings for this run (its topic names, plus `overrides`: env names)."""
+        env = {
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "BRIDGE_INPUT_TOPIC": self.input_topic,
+            "BRIDGE_RESULT_TOPIC": self.result_topic,
+            "BRIDGE_DEAD_LETTER_TOPIC": self.dead_letter_topic,
+            "BRIDGE_GROUP_ID": self.group,
+            "BRIDGE_TOPIC_PARTITIONS": str(self.partitions),
+            **overrides,
+        }
+        values: dict[str, Any] = {k: v for k, v in env.items() if k.startswith(_SETTING_PREFIXES)}
+        return Settings(**values)
+
+    def topic_names(self, **overrides: str) -> dict[str, str]:
+        """Every topic a bridge of this run uses, by role (input, results, changelog ...)."""
+        return {spec.role: spec.name for spec in topic_specs(self.settings(**overrides))}
+
+    def create_topics(
+        self,
+        *,
+        configs: dict[str, dict[str, str]] | None = None,
+        **overrides: str,
+    ) -> None:
+        """Create the input, result and dead-letter topics with the configs the bridge gives them
+        (``service.topics.topic_specs``; `overrides` are the bridge's env settings that change
+        them, e.g. ``BRIDGE_MAX_REQUEST_BYTES``). `configs` (by role) replaces a topic's configs,
+        e.g. a results topic at Kafka's default limit. The bridge creates the others."""
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         topics = [
-            NewTopic(t, num_partitions=self.partitions, replication_factor=1)
-            for t in (self.input_topic, self.result_topic, self.dead_letter_topic)
+            NewTopic(
+                spec.name,
+                num_partitions=self.partitions,
+                replication_factor=1,
+                config=dict((configs or {}).get(spec.role, spec.config)),
+            )
+            for spec in topic_specs(self.settings(**overrides))
+            if spec.role in ("input", "results", "dead_letters")
         ]
         for fut in admin.create_topics(topics, request_timeout=30).values():
             fut.result()
@@ -405,7 +452,14 @@ class Run:
     def delete_topics(self) -> None:
         """Delete every topic of the run (keeps the shared broker small)."""
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        names = [self.input_topic, self.result_topic, self.dead_letter_topic, self.changelog_topic]
+        names = [
+            self.input_topic,
+            self.result_topic,
+            self.dead_letter_topic,
+            self.changelog_topic,
+            self.documents_topic,
+            self.dedupe_topic,
+        ]
         existing = set(admin.list_topics(timeout=10).topics)
         doomed = [n for n in names if n in existing]
         if doomed:

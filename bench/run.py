@@ -1,6 +1,13 @@
-"""`make bench`: the four scenarios of issue 8, unattended, with a table, JSON and a chart.
+"""`make bench`: the scenarios of issues 8, 12 and 11.6, unattended, with a table, JSON and a chart.
 
     python -m bench.run [--quick] [--scenario N ...] [--sequential] [--results-dir DIR]
+                        [--pending-documents N]
+
+Scenarios 1-4 are issue 8's; 5-7 issue 12's (1 MB documents pending, write
+amplification, a result over the results topic's limit); 8 the dedupe
+window's memory (issue 11.6). The full scenario 5 writes ~20 GB to Kafka
+(10,000 requests of 1 MiB, twice) and takes about 25 minutes on two cores;
+``--pending-documents 2000`` measures a smaller set.
 
 Needs the local stack (``KAFKA_BOOTSTRAP_SERVERS``; ``REDIS_URL`` or a
 ``redis-server`` binary for the 3-replica run): ``make bench`` starts it and
@@ -28,13 +35,23 @@ from typing import Any
 
 from bench import report
 from bench.harness import Context, load_average
-from bench.scenarios import pending_scale, pipeline_cost, polling_efficiency, throughput
+from bench.scenarios import (
+    big_payloads,
+    pending_scale,
+    pipeline_cost,
+    polling_efficiency,
+    throughput,
+)
 
 SCENARIOS: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "1": ("throughput at a rate limit", throughput.run),
     "2": ("raw pipeline cost", pipeline_cost.run),
     "3": ("scale of the pending set", pending_scale.run),
     "4": ("polling efficiency", polling_efficiency.run),
+    "5": ("1 MB documents pending, restore after kill -9", big_payloads.run_pending_documents),
+    "6": ("bytes written to Kafka per input byte", big_payloads.run_write_amplification),
+    "7": ("a result over the results topic's limit", big_payloads.run_result_too_large),
+    "8": ("dedupe window memory", big_payloads.run_dedupe_memory),
 }
 
 
@@ -54,6 +71,12 @@ def main() -> int:
         help="scenario 1: run the contenders one after another (default: side by side)",
     )
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
+    parser.add_argument(
+        "--pending-documents",
+        type=int,
+        default=None,
+        help="scenario 5: this many pending 1 MiB requests (default 10,000; 200 with --quick)",
+    )
     args = parser.parse_args()
 
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
@@ -72,6 +95,7 @@ def main() -> int:
         results_dir=args.results_dir,
         quick=args.quick,
         parallel=not args.sequential,
+        big_pending=args.pending_documents,
     )
     mode = "quick" if args.quick else "full"
     latest = args.results_dir / "latest.json"
