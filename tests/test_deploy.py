@@ -68,6 +68,8 @@ WORKLOAD_KINDS = {"StatefulSet", "Deployment"}
 ALERTS = {
     "DocutrayBridgeDown",
     "DocutrayBridgeAbsent",
+    "DocutrayBridgeQuotaExhausted",
+    "DocutrayBridgePageBudget80",
     "DocutrayBridgeInvalidApiKey",
     "DocutrayBridgeDeadLetterRateHigh",
     "DocutrayBridgeBacklogStuck",
