@@ -99,6 +99,7 @@ def kafka_settings(settings: Settings) -> KafkaSettings:
         commit_interval_s=settings.commit_interval_ms / 1000,
         max_pending=settings.max_pending,
         max_pending_bytes=settings.pending_bytes_cap,
+        max_header_bytes=settings.max_header_bytes,
         max_batch_bytes=settings.kafka_buffer_kbytes * 1024 // 2,
         producer_max_bytes=producer_max_message_bytes(settings),
         max_request_bytes=settings.max_request_bytes,
@@ -253,6 +254,8 @@ async def run_bridge(settings: Settings) -> int:
             min_interval_s=settings.poll_min_interval_s,
             max_interval_s=settings.poll_max_interval_s,
         )
+    output_limits = record_limits(layout, producer_max_bytes=ks.producer_max_bytes)
+    ks.dead_letter_max_bytes = output_limits.get(ks.dead_letter_topic, ks.dead_letter_max_bytes)
     documents = DocumentReader(ks.common, ks.documents_topic)
     engine = Engine(
         settings=settings,
@@ -260,7 +263,7 @@ async def run_bridge(settings: Settings) -> int:
         limiter=limiter,
         policy=policy,
         documents=documents,
-        output_limits=record_limits(layout, producer_max_bytes=ks.producer_max_bytes),
+        output_limits=output_limits,
         rng=random.Random(),
     )
     loop = asyncio.get_running_loop()

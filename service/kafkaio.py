@@ -69,8 +69,8 @@ from service.intake import (
     parse_record,
 )
 from service.messages import (
+    DeadLetter,
     DeadLetterReason,
-    DocumentRequest,
     OriginalRecord,
     utcnow,
 )
@@ -147,6 +147,10 @@ class KafkaSettings:
     max_document_bytes: int
     restore_timeout_s: float = 120.0
     transaction_timeout_ms: int = 60_000
+    #: BRIDGE_MAX_HEADER_BYTES: a record's key, and its headers together, at most this.
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    #: The largest dead letter the dead-letter topic takes (its record limit).
+    dead_letter_max_bytes: int = DEFAULT_DEAD_LETTER_BYTES
     #: Commit once the batch's records hold this many bytes (memory).
     max_batch_bytes: int = 32 * 1024 * 1024
     #: How long a revoke waits for submits in flight on the revoked partitions.
@@ -531,10 +535,7 @@ class KafkaIO:
         epoch = self._epochs.get(partition, 0)
         ts_type, ts = msg.timestamp()
         topic = msg.topic() or self._s.input_topic
-        # Until KafkaSettings carries them: BRIDGE_MAX_HEADER_BYTES and the dead-letter topic's
-        # record limit (issue 11 item 3).
-        max_header_bytes: int = getattr(self._s, "max_header_bytes", DEFAULT_MAX_HEADER_BYTES)
-        dead_letter_max: int = getattr(self._s, "dead_letter_max_bytes", DEFAULT_DEAD_LETTER_BYTES)
+        max_header_bytes = self._s.max_header_bytes
         try:
             headers = self._read_headers(msg)
             original = original_record(
@@ -571,35 +572,14 @@ class KafkaIO:
                 "its headers are left out",
             )
         if not isinstance(verdict, Accepted):
-            metrics.REQUESTS_CONSUMED.labels("rejected").inc()
-            letter = build_dead_letter(
-                reason=verdict.reason,
-                message=verdict.message,
-                original=original,
-                request_id=verdict.request_id,
-                document_type_code=verdict.document_type_code,
-                received_at=utcnow(),
-                max_bytes=dead_letter_max,
-            )
-            log.warning(
-                "request_rejected",
-                request_id=verdict.request_id,
-                reason=verdict.reason.value,
-                detail=verdict.message[:1000],
-                partition=partition,
-                offset=offset,
-                truncated=letter.original.truncated,
+            self._reject(
+                verdict,
+                original,
+                partition,
+                offset,
+                epoch,
                 action="dead-lettered; fix the producer and replay with "
                 "`docutray-bridge dead-letters replay`",
-            )
-            key, value, out_headers = dead_letter_record(letter)
-            self._batch.append(
-                Effect(
-                    partition=partition,
-                    epoch=epoch,
-                    records=[OutRecord(self._s.dead_letter_topic, key, value, out_headers)],
-                    dead_letter_reason=verdict.reason.value,
-                )
             )
             return
         self._judge_accepted(verdict, original, partition, offset, epoch)
@@ -679,8 +659,22 @@ class KafkaIO:
             )
             return
         if decision == "conflict":
-            metrics.REQUESTS_CONSUMED.labels("rejected").inc()
-            self._reject_conflict(request, original, partition, offset, epoch)
+            conflict = Rejected(
+                DeadLetterReason.REQUEST_ID_CONFLICT,
+                f"request id {rid} was used by a different request within "
+                f"BRIDGE_DEDUPE_WINDOW_S={self._s.dedupe_window_s:g} s; give each request its "
+                "own id",
+                rid,
+                request.document_type_code,
+            )
+            self._reject(
+                conflict,
+                original,
+                partition,
+                offset,
+                epoch,
+                action="dead-lettered; the first request with this id keeps its one outcome",
+            )
             return
         metrics.REQUESTS_CONSUMED.labels("accepted").inc()
         entry = new_entry(
@@ -721,43 +715,41 @@ class KafkaIO:
             on_commit=adopt,
         )
 
-    def _reject_conflict(
+    def _reject(
         self,
-        request: DocumentRequest,
+        verdict: Rejected,
         original: OriginalRecord,
         partition: int,
         offset: int,
         epoch: int,
+        *,
+        action: str,
     ) -> None:
-        reason = DeadLetterReason.REQUEST_ID_CONFLICT
-        message = (
-            f"request id {request.request_id} was used by a different request within "
-            f"BRIDGE_DEDUPE_WINDOW_S={self._s.dedupe_window_s:g} s; give each request its own id"
+        """A record that can never succeed: its dead letter, committed with its offset."""
+        metrics.REQUESTS_CONSUMED.labels("rejected").inc()
+        letter = build_dead_letter(
+            reason=verdict.reason,
+            message=verdict.message,
+            original=original,
+            request_id=verdict.request_id,
+            document_type_code=verdict.document_type_code,
+            received_at=utcnow(),
+            max_bytes=self._s.dead_letter_max_bytes,
         )
         log.warning(
             "request_rejected",
-            request_id=request.request_id,
-            reason=reason.value,
-            detail=message,
+            request_id=verdict.request_id,
+            reason=verdict.reason.value,
+            detail=verdict.message[:1000],
             partition=partition,
             offset=offset,
-            action="dead-lettered; the first request with this id keeps its one outcome",
+            truncated=letter.original.truncated,
+            action=action,
         )
-        letter = build_dead_letter(
-            reason=reason,
-            message=message,
-            original=original,
-            request_id=request.request_id,
-            document_type_code=request.document_type_code,
-            received_at=utcnow(),
+        record = dead_letter_out(self._s.dead_letter_topic, letter)
+        self._batch.append(
+            Effect(partition, epoch, [record], dead_letter_reason=verdict.reason.value)
         )
-        record = OutRecord(
-            self._s.dead_letter_topic,
-            request.request_id.encode(),
-            letter.model_dump_json().encode(),
-            original.header_tuples(),
-        )
-        self._batch.append(Effect(partition, epoch, [record], dead_letter_reason=reason.value))
 
     # ---- transactions ----
 
@@ -1185,6 +1177,12 @@ _RETRIABLE_CODES = frozenset(
         KafkaError.REBALANCE_IN_PROGRESS,
     }
 )
+
+
+def dead_letter_out(topic: str, letter: DeadLetter) -> OutRecord:
+    """The record of `letter` on the dead-letter topic (bounded JSON, whole headers only)."""
+    key, value, headers = dead_letter_record(letter)
+    return OutRecord(topic, key, value, headers)
 
 
 def _retriable(kerr: KafkaError) -> bool:

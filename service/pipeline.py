@@ -54,7 +54,14 @@ from service.docutray import (
 )
 from service.fetch import FetchError, fetch_document
 from service.intake import Accepted, original_record
-from service.kafkaio import Effect, EngineHooks, KafkaIO, OutRecord, StaleEffect
+from service.kafkaio import (
+    Effect,
+    EngineHooks,
+    KafkaIO,
+    OutRecord,
+    StaleEffect,
+    dead_letter_out,
+)
 from service.messages import DeadLetterReason, OriginalRecord, PendingRecord, utcnow
 from service.outcomes import (
     DEFAULT_DEAD_LETTER_BYTES,
@@ -446,12 +453,7 @@ class Engine(EngineHooks):
         )
         await self._finish(
             entry,
-            OutRecord(
-                self._s.dead_letter_topic,
-                entry.request_id.encode(),
-                letter.model_dump_json().encode(),
-                entry.header_tuples(),
-            ),
+            dead_letter_out(self._s.dead_letter_topic, letter),
             dead_letter=reason.value,
         )
 
@@ -495,12 +497,7 @@ class Engine(EngineHooks):
                 partition=partition,
                 epoch=epoch,
                 records=[
-                    OutRecord(
-                        self._s.dead_letter_topic,
-                        bad.request_id.encode(),
-                        letter.model_dump_json().encode(),
-                        original.header_tuples(),
-                    ),
+                    dead_letter_out(self._s.dead_letter_topic, letter),
                     *self._tombstones(bad.request_id, partition),
                 ],
                 finishes=bad.request_id,
@@ -750,7 +747,7 @@ class Engine(EngineHooks):
             rng=self._rng,
         )
         entry.state = "queued"
-        entry.last_error = detail
+        entry.last_error = detail[:1000]  # the state record stays small
         entry.conversion_id = None
         self._update_gauges()
         log.warning(
