@@ -972,14 +972,17 @@ class KafkaIO:
         consumer = self._consumer_()
         tps = [TopicPartition(self._s.input_topic, p) for p in parts]
         committed: list[TopicPartition] = self._retrying(
-            "committed", lambda: consumer.committed(tps, timeout=30)
+            "committed", lambda: consumer.committed(tps, timeout=_LOOKUP_TIMEOUT_S)
         )
         for tp in committed:
             offset = tp.offset
             if offset < 0:
                 low: int = self._retrying(
                     "get_watermark_offsets",
-                    partial(lambda t: consumer.get_watermark_offsets(t, timeout=30)[0], tp),
+                    partial(
+                        lambda t: consumer.get_watermark_offsets(t, timeout=_LOOKUP_TIMEOUT_S)[0],
+                        tp,
+                    ),
                 )
                 offset = low
             # Kept so that every transaction sends an offset for every assigned partition,
@@ -990,7 +993,8 @@ class KafkaIO:
         reader = self._state_reader()
         ends: dict[str, dict[int, int]] = {
             topic: self._retrying(
-                "high_watermarks", partial(reader.high_watermarks, topic, parts, 30)
+                "high_watermarks",
+                partial(reader.high_watermarks, topic, parts, _LOOKUP_TIMEOUT_S, self._beat),
             )
             for topic in self._state_topics()
         }
@@ -1017,7 +1021,8 @@ class KafkaIO:
         reader = self._state_reader()
         stable: dict[str, dict[int, int]] = {
             topic: self._retrying(
-                "stable_offsets", partial(reader.stable_offsets, topic, waiting, 30)
+                "stable_offsets",
+                partial(reader.stable_offsets, topic, waiting, _LOOKUP_TIMEOUT_S, self._beat),
             )
             for topic in self._state_topics()
         }
@@ -1154,6 +1159,9 @@ class KafkaIO:
         except (ValueError, TypeError, AttributeError):
             log.warning("kafka_stats_unreadable")
 
+
+#: One look-up (offsets, watermarks) waits this long at most; _retrying tries again, beating.
+_LOOKUP_TIMEOUT_S = 10.0
 
 #: Errors that pass with time (leadership moves, coordinators load, brokers restart), whether
 #: or not librdkafka flags them retriable (look-ups such as watermarks never do).

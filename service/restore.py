@@ -37,6 +37,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+#: Called while a look-up goes on (the caller's liveness heartbeat).
+Progress = Callable[[], None] | None
 #: (partition, key, value, timestamp ms) of each record read; value None is a tombstone.
 OnRecord = Callable[[int, bytes, bytes | None, int], None]
 
@@ -63,13 +65,17 @@ class StateReader:
         self._committed.close()
         self._uncommitted.close()
 
-    def high_watermarks(self, topic: str, parts: Iterable[int], timeout_s: float) -> dict[int, int]:
+    def high_watermarks(
+        self, topic: str, parts: Iterable[int], timeout_s: float, progress: Progress = None
+    ) -> dict[int, int]:
         """The end of each partition counting records of open transactions."""
-        return _ends(self._uncommitted, topic, parts, timeout_s)
+        return _ends(self._uncommitted, topic, parts, timeout_s, progress)
 
-    def stable_offsets(self, topic: str, parts: Iterable[int], timeout_s: float) -> dict[int, int]:
+    def stable_offsets(
+        self, topic: str, parts: Iterable[int], timeout_s: float, progress: Progress = None
+    ) -> dict[int, int]:
         """The last stable offset of each partition (the end as read_committed sees it)."""
-        return _ends(self._committed, topic, parts, timeout_s)
+        return _ends(self._committed, topic, parts, timeout_s, progress)
 
     def read(
         self,
@@ -113,10 +119,14 @@ class StateReader:
             consumer.unassign()
 
 
-def _ends(consumer: Consumer, topic: str, parts: Iterable[int], timeout_s: float) -> dict[int, int]:
-    return {
-        p: consumer.get_watermark_offsets(
-            TopicPartition(topic, p), timeout=timeout_s, cached=False
-        )[1]
-        for p in parts
-    }
+def _ends(
+    consumer: Consumer, topic: str, parts: Iterable[int], timeout_s: float, progress: Progress
+) -> dict[int, int]:
+    """One look-up per partition, each bounded by `timeout_s`, with a beat before each."""
+    ends = {}
+    for p in parts:
+        if progress is not None:
+            progress()
+        tp = TopicPartition(topic, p)
+        ends[p] = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)[1]
+    return ends
