@@ -572,7 +572,10 @@ class Limiter:
             tasks.append(self._probe_task)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: a dispatcher must never keep the process from stopping.
+        _, stuck = await asyncio.wait(tasks, timeout=5.0) if tasks else (set(), set())
+        if stuck:
+            log.error("limiter_close_stuck", tasks=sorted(t.get_name() for t in stuck))
         for lane in set(self._lanes.values()):
             for queue in lane.queues.values():
                 while queue:
@@ -581,7 +584,8 @@ class Limiter:
                         waiter.future.set_exception(LimiterClosed("the limiter was closed"))
         if self._redis is not None:
             with contextlib.suppress(*_REDIS_FAILURES):
-                await self._redis.close()
+                async with asyncio.timeout(self._redis_op_timeout_s):
+                    await self._redis.close()
 
     # -- the dispatcher -----------------------------------------------------------------
 
