@@ -57,7 +57,7 @@ from service.intake import Accepted, original_record
 from service.kafkaio import (
     Effect,
     EngineHooks,
-    KafkaIO,
+    KafkaEdge,
     OutRecord,
     StaleEffect,
     dead_letter_out,
@@ -97,6 +97,7 @@ class Engine(EngineHooks):
         client: DocuTrayClient,
         limiter: RateLimiter,
         policy: PollPolicy,
+        kafka: KafkaEdge,
         documents: DocumentReader | None = None,
         output_limits: Mapping[str, int] | None = None,
         rng: random.Random | None = None,
@@ -112,7 +113,7 @@ class Engine(EngineHooks):
         self._limiter = limiter
         self._policy = policy
         self._rng = rng or random.Random()
-        self.kafka: KafkaIO | None = None
+        self.kafka = kafka
         self._entries: dict[Key, Entry] = {}
         self._submit_due: DueQueue[Key] = DueQueue()
         self._poll_due: DueQueue[Key] = DueQueue()
@@ -326,7 +327,6 @@ class Engine(EngineHooks):
 
     async def _write(self, effect: Effect, *, wait: bool) -> bool:
         """Hand an effect to the Kafka thread; with `wait`, until it is committed (False if stale)."""
-        assert self.kafka is not None
         if wait:
             effect.future = asyncio.get_running_loop().create_future()
         self.kafka.submit(effect)
@@ -459,7 +459,6 @@ class Engine(EngineHooks):
 
     def _dead_letter_unreadable(self, partition: int, epoch: int, bad: Unreadable) -> None:
         """A changelog record that can no longer be worked on: dead-letter it, never drop it."""
-        assert self.kafka is not None
         try:
             record = PendingRecord.model_validate_json(bad.value)
             original = record.original or OriginalRecord(
@@ -606,7 +605,6 @@ class Engine(EngineHooks):
         entry.state = "queued"
         entry.attempts = max(0, entry.attempts - 1)
         self._update_gauges()
-        assert self.kafka is not None
         self.kafka.submit(Effect(entry.partition, entry.epoch, [self._changelog(entry)]))
         if not self._stopping and entry.partition not in self._revoking:
             self._submit_due.schedule(entry.key, time.monotonic() + self._rng.uniform(0.5, 2.0))
@@ -996,7 +994,6 @@ class Engine(EngineHooks):
         if reason in self._paused:
             return
         self._paused.add(reason)
-        assert self.kafka is not None
         self.kafka.pause(reason)
         action = {
             "invalid_api_key": "set a valid DOCUTRAY_API_KEY (the Secret) and restart, or wait: "
@@ -1029,7 +1026,6 @@ class Engine(EngineHooks):
             for reason in SYSTEMIC_PAUSES:
                 if reason in self._paused:
                     self._paused.discard(reason)
-                    assert self.kafka is not None
                     self.kafka.resume(reason)
             self._api_ok()
             log.info("consumption_resumed_systemic", action="none: DocuTray answers again")
@@ -1076,6 +1072,10 @@ class Engine(EngineHooks):
         metrics.QUOTA_EXHAUSTED.set(0)
         log.info("quota_available", action="none: submissions resumed")
 
+    def _waiting_to_submit(self) -> bool:
+        """Whether any entry of this replica waits for (or is in) a submit."""
+        return any(e.state != "submitted" for e in self._entries.values())
+
     def _submits_held(self) -> bool:
         """Whether the shared gate holds submissions (a 402 pause, an hour or day 429, a
         budget window), as last seen: no submit task starts then (each would read its
@@ -1113,6 +1113,10 @@ class Engine(EngineHooks):
                 metrics.SUBMIT_HELD.labels(label).set(1 if held else 0)
             if reason == "quota_exhausted":
                 metrics.QUOTA_EXHAUSTED.set(1)
+            elif self._quota_since is not None and not self._waiting_to_submit():
+                # The pause ended and nothing here waits to submit (another replica's submits
+                # are the probe): this replica has nothing left to be unready for.
+                self._quota_back()
             elif self._quota_since is None:
                 metrics.QUOTA_EXHAUSTED.set(0)
             if hold is None:
