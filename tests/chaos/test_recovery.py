@@ -19,6 +19,8 @@ import random
 import time
 from datetime import datetime
 
+import pytest
+
 from tests.chaos.harness import (
     ChaosFactory,
     OutcomeTail,
@@ -68,6 +70,7 @@ def _recovery_s(
     return round(at - since, 2)
 
 
+@pytest.mark.timeout(420)  # ten restarts of a Python process on a loaded 2-core machine
 def test_kill9_and_restart_under_the_same_id_recovers_without_rebalance_wait(
     chaos: ChaosFactory,
 ) -> None:
