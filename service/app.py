@@ -40,7 +40,7 @@ from service.config import (
 from service.documents import DocumentReader
 from service.docutray import DocuTrayClient
 from service.health import Probe, create_ops_app, liveness, readiness
-from service.kafkaio import KafkaErrorLog, KafkaIO, KafkaSettings
+from service.kafkaio import Channel, KafkaErrorLog, KafkaIO, KafkaSettings
 from service.logging import register_secrets
 from service.pipeline import Engine
 from service.ratelimit import build_limiter
@@ -257,8 +257,10 @@ async def run_bridge(settings: Settings) -> int:
     output_limits = record_limits(layout, producer_max_bytes=ks.producer_max_bytes)
     ks.dead_letter_max_bytes = output_limits.get(ks.dead_letter_topic, ks.dead_letter_max_bytes)
     documents = DocumentReader(ks.common, ks.documents_topic)
+    channel = Channel()
     engine = Engine(
         settings=settings,
+        kafka=channel,
         client=client,
         limiter=limiter,
         policy=policy,
@@ -267,8 +269,7 @@ async def run_bridge(settings: Settings) -> int:
         rng=random.Random(),
     )
     loop = asyncio.get_running_loop()
-    kafka = KafkaIO(ks, loop=loop, hooks=engine)
-    engine.kafka = kafka
+    kafka = KafkaIO(ks, loop=loop, hooks=engine, channel=channel)
     stopping = asyncio.Event()
     # Not ready when a Kafka call has blocked this long (the broker is gone, or librdkafka
     # hangs): every single call is bounded by 30 s, so longer means something is wrong.
@@ -369,7 +370,7 @@ async def run_bridge(settings: Settings) -> int:
     started = time.monotonic()
     stopping.set()
     log.info("bridge_stopping", action="draining in-flight work; committing; leaving the group")
-    kafka.pause("shutdown")
+    channel.pause("shutdown")
     margin = min(5.0, settings.shutdown_grace_s / 3)
     await engine.drain(grace_s=max(0.5, settings.shutdown_grace_s - margin * 2))
     kafka.stop()

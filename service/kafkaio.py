@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from confluent_kafka import (
@@ -233,16 +233,63 @@ class KafkaErrorLog:
             )
 
 
+class KafkaEdge(Protocol):
+    """What the engine asks of the Kafka side: a :class:`Channel`, or a test's fake."""
+
+    def submit(self, effect: Effect) -> None:
+        """Queue an effect for the next transaction."""
+
+    def pause(self, reason: str) -> None:
+        """Stop fetching input for `reason` (systemic error, shutdown)."""
+
+    def resume(self, reason: str) -> None:
+        """Lift a pause reason; fetching resumes when no reason is left."""
+
+
+class Channel:
+    """Engine to Kafka thread: effects and pause reasons, in the order given (thread-safe).
+
+    Made before both sides, so that neither needs the other to exist first.
+    """
+
+    def __init__(self) -> None:
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    def submit(self, effect: Effect) -> None:
+        """Queue an effect for the next transaction."""
+        self._commands.put(("effect", effect))
+
+    def pause(self, reason: str) -> None:
+        """Stop fetching input for `reason` (systemic error, shutdown)."""
+        self._commands.put(("pause", reason))
+
+    def resume(self, reason: str) -> None:
+        """Lift a pause reason; fetching resumes when no reason is left."""
+        self._commands.put(("resume", reason))
+
+    def take(self) -> tuple[str, Any] | None:
+        """The next command, or None when there is none (the Kafka thread's side)."""
+        try:
+            return self._commands.get_nowait()
+        except queue.Empty:
+            return None
+
+
 class KafkaIO:
     """The Kafka thread (see the module docstring for the guarantee it keeps)."""
 
     def __init__(
-        self, settings: KafkaSettings, *, loop: asyncio.AbstractEventLoop, hooks: EngineHooks
+        self,
+        settings: KafkaSettings,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        hooks: EngineHooks,
+        channel: Channel,
     ) -> None:
         self._s = settings
         self._loop = loop
         self._hooks = hooks
-        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._channel = channel
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kafka-io", daemon=True)
         self._batch: list[Effect] = []
@@ -281,18 +328,6 @@ class KafkaIO:
     def start(self) -> None:
         """Start the Kafka thread."""
         self._thread.start()
-
-    def submit(self, effect: Effect) -> None:
-        """Queue an effect for the next transaction."""
-        self._commands.put(("effect", effect))
-
-    def pause(self, reason: str) -> None:
-        """Stop fetching input for `reason` (systemic error, shutdown)."""
-        self._commands.put(("pause", reason))
-
-    def resume(self, reason: str) -> None:
-        """Lift a pause reason; fetching resumes when no reason is left."""
-        self._commands.put(("resume", reason))
 
     def stop(self) -> None:
         """Commit what is pending, leave the group and end the thread."""
@@ -432,11 +467,8 @@ class KafkaIO:
     # ---- commands from the engine ----
 
     def _drain_commands(self) -> None:
-        while True:
-            try:
-                kind, arg = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        while (command := self._channel.take()) is not None:
+            kind, arg = command
             if kind == "effect":
                 self._accept_effect(arg)
             elif kind == "pause":

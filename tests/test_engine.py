@@ -32,7 +32,7 @@ Call = Callable[[], Awaitable[Any]]
 
 
 class FakeKafka:
-    """The Kafka edge: effects commit at once, in order; pauses are recorded."""
+    """The Kafka edge (service.kafkaio.KafkaEdge): effects commit at once, in order."""
 
     def __init__(self) -> None:
         self.effects: list[Effect] = []
@@ -153,10 +153,10 @@ class Harness:
                 min_interval_s=0.01,
                 max_interval_s=0.05,
             ),
+            kafka=self.kafka,
             documents=self.documents,  # type: ignore[arg-type]
             rng=random.Random(1),
         )
-        self.engine.kafka = self.kafka  # type: ignore[assignment]
 
     def entry(self, rid: str, offset: int = 0) -> Entry:
         value = json.dumps(
