@@ -1,4 +1,4 @@
-"""Judge results against issue 8's targets, print the table, draw the chart, write the README.
+"""Judge results against the targets of issues 8, 12 and 11.6; tables, chart and README.
 
 Pure functions of the results dict (``bench/results/latest.json``), so the
 table and chart can be rebuilt without running anything:
@@ -21,7 +21,7 @@ def _row(
 
 
 def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per target of issue 8 that the stored results can answer."""
+    """One row per target (issues 8, 12 and 11.6) that the stored results can answer."""
     rows: list[dict[str, Any]] = []
     sc = results.get("scenarios", {})
     s1 = sc.get("1")
@@ -129,6 +129,89 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
                     r["meets_calls_target"] and r["meets_delay_target"],
                 )
             )
+    rows.extend(_judge_big(sc))
+    return rows
+
+
+def _judge_big(sc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for scenarios 5-8 (issue 12's targets and issue 11.6's dedupe memory)."""
+    rows: list[dict[str, Any]] = []
+    s5 = sc.get("5")
+    if s5 and "rss_mb_peak_vmhwm" in s5:
+        n = s5["requests"]
+        scaled = "" if n >= 10_000 else f"measured at {n:,} pending, not 10,000"
+        peak = max(s5["rss_mb_peak_vmhwm"], s5.get("restart_rss_mb_peak_vmhwm", 0))
+        rows.append(
+            _row(
+                "5",
+                "10,000 pending 1 MB documents: RSS < 300 MB",
+                f"{peak} MB peak (VmHWM) at {n:,} pending, "
+                f"{s5['rss_mb_filled']} MB filled, {s5.get('restart_rss_mb')} MB restored",
+                peak < 300 if not scaled else None,
+                scaled,
+            )
+        )
+        rows.append(
+            _row(
+                "5",
+                "restore after kill -9 < 10 s",
+                f"{s5['restart_kill_to_ready_s']} s kill to ready, "
+                f"{s5['restart_kill_to_all_pending_s']} s to all {n:,} pending",
+                s5["restart_kill_to_ready_s"] < 10 if not scaled else None,
+                scaled,
+            )
+        )
+    s6 = sc.get("6")
+    if s6 and "input_uncompressed" in s6:
+        for label, key in (("uncompressed", "input_uncompressed"), ("zstd", "input_zstd")):
+            r = s6.get(key) or {}
+            if "amplification_vs_input_topic" not in r:
+                continue
+            rows.append(
+                _row(
+                    "6",
+                    f"bytes stored per input byte <= 2.2 (input produced {label})",
+                    f"{r['amplification_vs_input_topic']} ({r['requests']} requests of 1 MiB)",
+                    r["amplification_vs_input_topic"] <= 2.2,
+                )
+            )
+    s7 = sc.get("7")
+    if s7 and "outcomes_of_big" in s7:
+        seconds = s7.get("finished_to_dead_letter_s")
+        rows.append(
+            _row(
+                "7",
+                "3 MB result, results topic at 1048588: result_too_large < 5 s after the "
+                "conversion finished",
+                f"{s7['outcomes_of_big']}; {seconds} s from DocuTray's finish, "
+                f"{s7.get('detected_to_dead_letter_s')} s from the bridge seeing it",
+                s7["outcomes_of_big"] == ["result_too_large"]
+                and seconds is not None
+                and seconds < 5,
+            )
+        )
+        rows.append(
+            _row(
+                "7",
+                "the 5 requests behind it unaffected",
+                f"{s7['small_results']} results of {s7['small_outcomes']} outcomes; "
+                f"{s7['transactions_aborted']:g} aborted transactions",
+                bool(s7["small_each_exactly_one"]) and s7["transactions_aborted"] == 0,
+            )
+        )
+    s8 = sc.get("8")
+    if s8 and "rss_mb_holding" in s8:
+        rows.append(
+            _row(
+                "8",
+                f"{s8['ids']:,} remembered ids: RSS < 150 MB (process importing service.app)",
+                f"{s8['rss_mb_holding']} MB ({s8['rss_mb_after_import']} MB after the import, "
+                f"+{s8['rss_mb_for_ids']} MB for the ids); "
+                f"{s8['bytes_per_id_tracemalloc']} bytes per id",
+                s8["rss_mb_holding"] < 150 if s8["ids"] >= 1_000_000 else None,
+                "" if s8["ids"] >= 1_000_000 else f"measured at {s8['ids']:,} ids",
+            )
+        )
     return rows
 
 
@@ -218,9 +301,10 @@ def tables(results: dict[str, Any]) -> str:
                 f"| {r['detection_delay_p95_s']} | {r['target_delay_p95_s']:g} |"
             )
         out.append("")
+    out.extend(_tables_big(sc))
     verdicts = judge(results)
     if verdicts:
-        out.append("### Targets of issue 8\n")
+        out.append("### Targets (issues 8, 12, 11.6)\n")
         out.append("| scenario | target | measured | result |")
         out.append("|---|---|---|---|")
         for v in verdicts:
@@ -229,6 +313,79 @@ def tables(results: dict[str, Any]) -> str:
             out.append(f"| {v['scenario']} | {v['target']} | {v['measured']}{note} | {verdict} |")
         out.append("")
     return "\n".join(out)
+
+
+def _tables_big(sc: dict[str, Any]) -> list[str]:
+    """Tables of scenarios 5-8."""
+    out: list[str] = []
+    s5 = sc.get("5")
+    if s5 and "rss_mb_peak_vmhwm" in s5:
+        out.append(
+            f"### 5. Pending 1 MiB documents, budget {s5['config']['BRIDGE_MEMORY_BUDGET_MB']} MB "
+            f"(mode {s5.get('mode', '?')})\n"
+        )
+        out.append(
+            "| pending | fill s | MB/s | RSS filled MB | peak (VmHWM) MB | kill→ready s "
+            "| kill→all pending s | restore metric s | RSS restored MB | load (1 min) |"
+        )
+        out.append("|" + "---|" * 10)
+        out.append(
+            f"| {s5['requests']:,} | {s5['fill_s']} | {s5['fill_mb_per_s']} "
+            f"| {s5['rss_mb_filled']} | {s5['rss_mb_peak_vmhwm']} "
+            f"| {s5['restart_kill_to_ready_s']} | {s5['restart_kill_to_all_pending_s']} "
+            f"| {s5['restore_seconds_metric_sum']} | {s5.get('restart_rss_mb')} "
+            f"| {(s5.get('load_average_restore') or ['?'])[0]} |"
+        )
+        out.append("")
+    s6 = sc.get("6")
+    if s6 and "input_uncompressed" in s6:
+        out.append(f"### 6. Bytes stored per input byte (mode {s6.get('mode', '?')})\n")
+        out.append(
+            "| input produced | requests | input MB | documents | changelog | results "
+            "| dedupe | dead letters | total / input |"
+        )
+        out.append("|" + "---|" * 9)
+        for key in ("input_uncompressed", "input_zstd"):
+            r = s6.get(key) or {}
+            if "per_input_byte" not in r:
+                continue
+            per = r["per_input_byte"]
+            out.append(
+                f"| {r['input_compression']} | {r['requests']} | {r['stored_mb']['input']} "
+                f"| {per['documents']} | {per['changelog']} | {per['results']} "
+                f"| {per['dedupe']} | {per['dead_letters']} "
+                f"| {r['amplification_vs_input_topic']} |"
+            )
+        out.append("")
+    s7 = sc.get("7")
+    if s7 and "outcomes_of_big" in s7:
+        out.append(f"### 7. A 3 MB result, results topic at 1048588 (mode {s7.get('mode', '?')})\n")
+        out.append(
+            "| big request | finished→dead letter s | seen by bridge→dead letter s "
+            "| small results | aborted transactions | status calls |"
+        )
+        out.append("|" + "---|" * 6)
+        out.append(
+            f"| {', '.join(s7['outcomes_of_big'])} | {s7.get('finished_to_dead_letter_s')} "
+            f"| {s7.get('detected_to_dead_letter_s')} | {s7['small_results']} / 5 "
+            f"| {s7['transactions_aborted']:g} | {s7['emulator_status_calls']} |"
+        )
+        out.append("")
+    s8 = sc.get("8")
+    if s8 and "rss_mb_holding" in s8:
+        out.append(f"### 8. Dedupe window memory (mode {s8.get('mode', '?')})\n")
+        out.append(
+            "| ids | bytes/id (tracemalloc) | RSS bare MB | after import MB | holding MB "
+            "| for the ids MB | peak MB |"
+        )
+        out.append("|" + "---|" * 7)
+        out.append(
+            f"| {s8['ids']:,} | {s8['bytes_per_id_tracemalloc']} | {s8['rss_mb_bare']} "
+            f"| {s8['rss_mb_after_import']} | {s8['rss_mb_holding']} | {s8['rss_mb_for_ids']} "
+            f"| {s8['vmhwm_mb']} |"
+        )
+        out.append("")
+    return out
 
 
 def chart(results: dict[str, Any], path: Path) -> bool:

@@ -192,6 +192,48 @@ def topic_log_bytes(data_dir: Path, topic: str) -> int:
     return total
 
 
+def wait_ready_traced(bridge: Bridge, timeout_s: float) -> dict[str, float]:
+    """Wait for /readyz 200; for each reason it gave for not being ready, the last moment
+    (monotonic) it was given. Raises if the process exits or the deadline passes."""
+    last_seen: dict[str, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _alive_check(bridge)
+        try:
+            response = httpx.get(bridge.url("/readyz"), timeout=2)
+        except httpx.HTTPError:
+            last_seen["ops endpoint not up"] = time.monotonic()
+        else:
+            if response.status_code == 200:
+                return last_seen
+            for reason in response.json().get("reasons", []):
+                last_seen[str(reason)] = time.monotonic()
+        time.sleep(0.05)  # wait-ok: polling readiness under a deadline
+    raise RuntimeError(f"bridge {bridge.name} not ready within {timeout_s:.0f} s")
+
+
+def _log_lines(bridge: Bridge) -> int:
+    if not bridge.log_path.exists():
+        return 0
+    with bridge.log_path.open(errors="replace") as fh:
+        return sum(1 for _ in fh)
+
+
+def _timeline(bridge: Bridge, skip_lines: int, t0_wall: float) -> dict[str, float]:
+    """Seconds from `t0_wall` to the first log event of each kind after line `skip_lines`."""
+    out: dict[str, float] = {}
+    with bridge.log_path.open(errors="replace") as fh:
+        for i, line in enumerate(fh):
+            if i < skip_lines or not line.startswith("{"):
+                continue
+            with contextlib.suppress(ValueError):
+                body = json.loads(line)
+                event, at = body.get("event"), parse_ts(body.get("timestamp"))
+                if isinstance(event, str) and at is not None and event not in out:
+                    out[event] = round(at - t0_wall, 2)
+    return out
+
+
 def _pending_total(bridge: Bridge) -> float:
     return bridge.metric("docutray_bridge_pending_conversions")
 
@@ -281,14 +323,20 @@ def run_pending_documents(ctx: Context) -> dict[str, Any]:
             }
         # kill -9, restart under the same instance id (static membership, same transactional id)
         assert bridge.proc is not None
+        log_lines_before = _log_lines(bridge)
         t_kill = time.monotonic()
+        t_kill_wall = time.time()
         bridge.proc.kill()
         bridge.proc.wait(30)
         bridge.start()
         with VmRssSampler(bridge.pid) as rss2:
-            bridge.wait_ready(300)
+            reasons = wait_ready_traced(bridge, 300)
             result["restart_kill_to_ready_s"] = round(time.monotonic() - t_kill, 2)
             result["load_average_restore"] = load_average()
+            result["restart_not_ready_reasons_s"] = {
+                reason: round(seen - t_kill, 2) for reason, seen in reasons.items()
+            }
+            result["restart_timeline_s"] = _timeline(bridge, log_lines_before, t_kill_wall)
 
             def restored() -> bool:
                 _alive_check(bridge)
