@@ -20,17 +20,25 @@ from service.config import Settings, SettingsError, kafka_common_config, load_se
 from service.errors import BridgeError
 from service.logging import configure_logging
 
+#: Exit codes: a runtime failure (Kafka refused, a check failed) is 1; a usage or
+#: configuration error (a bad option or setting, click's own errors) is 2.
+EXIT_FAILED, EXIT_USAGE = 1, 2
 
-def _fail(message: str) -> NoReturn:
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def _usage(message: str) -> NoReturn:
+    _fail(message, EXIT_USAGE)
 
 
 def _settings(**overrides: Any) -> Settings:
     try:
         return load_settings(**overrides)
     except SettingsError as exc:
-        _fail(str(exc))
+        _usage(str(exc))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,7 +57,7 @@ def run() -> None:
     settings = _settings()
     configure_logging(fmt=settings.log_format, level=settings.log_level)
     if not settings.docutray_api_key.get_secret_value():
-        _fail("DOCUTRAY_API_KEY is not set")
+        _usage("DOCUTRAY_API_KEY is not set")
     from service.app import return_freed_memory, run_bridge
 
     return_freed_memory()
@@ -93,11 +101,11 @@ def send(
         try:
             meta = json.loads(metadata)
         except ValueError as exc:
-            _fail(f"--metadata is not JSON: {exc}")
+            _usage(f"--metadata is not JSON: {exc}")
         if not isinstance(meta, dict):
-            _fail("--metadata must be a JSON object")
+            _usage("--metadata must be a JSON object")
     if request_id is not None and len(targets) > 1:
-        _fail("--request-id works with one target only")
+        _usage("--request-id works with one target only")
     try:
         reqs = [
             build_request(
@@ -183,15 +191,17 @@ def replay(
 
     settings = _settings()
     if reason is not None and reason not in {r.value for r in DeadLetterReason}:
-        _fail(f"unknown --reason {reason!r}; one of {', '.join(r.value for r in DeadLetterReason)}")
+        _usage(
+            f"unknown --reason {reason!r}; one of {', '.join(r.value for r in DeadLetterReason)}"
+        )
     since_dt: datetime | None = None
     if since is not None:
         try:
             since_dt = datetime.fromisoformat(since.replace("Z", "+00:00"))
         except ValueError:
-            _fail(f"--since {since!r} is not an ISO-8601 time")
+            _usage(f"--since {since!r} is not an ISO-8601 time")
         if since_dt.tzinfo is None:
-            _fail("--since needs a time zone (e.g. 2026-11-30T10:00Z)")
+            _usage("--since needs a time zone (e.g. 2026-11-30T10:00Z)")
 
     def progress(n: int) -> None:
         if n % 100 == 0:

@@ -4,8 +4,12 @@
 
     BridgeError
     ├── config.SettingsError            a setting is missing or has a bad value
-    ├── pipeline.FatalKafkaError        the producer was fenced or Kafka failed fatally
-    └── pipeline.StaleEffect            an effect for a partition this replica no longer owns
+    ├── topics.TopicError               a topic is missing or set up wrong (one line says how)
+    ├── kafkaio.FatalKafkaError         the producer was fenced or Kafka failed fatally
+    ├── kafkaio.StaleEffect             an effect for a partition this replica no longer owns
+    ├── documents.DocumentMissing       a pending request's document cannot be read back
+    ├── ratelimit.LimiterError          LimiterTimeout (no permit in time), LimiterClosed
+    └── tools.ToolError                 a command-line tool could not do what was asked
 
 The DocuTray client's errors (``service.docutray.DocuTrayError``) form their
 own tree, drawn in that module, because they describe the remote API.

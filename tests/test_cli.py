@@ -167,7 +167,8 @@ def test_settings_shows_unset_secrets_as_empty() -> None:
 
 def test_send_missing_file_fails_with_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "no-such.pdf"
-    line = assert_one_line_error(invoke("send", str(missing), "--type", "invoice"))
+    # A runtime failure (the file cannot be read): 1; usage errors are 2.
+    line = assert_one_line_error(invoke("send", str(missing), "--type", "invoice"), code=1)
     assert str(missing) in line
 
 

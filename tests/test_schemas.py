@@ -60,7 +60,7 @@ def test_check_fails_naming_a_stale_file(tmp_path: Path) -> None:
     schema["properties"].pop("reason")
     stale.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
     result = run_schemas("--check", "--dir", str(copy))
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert str(stale) in result.stderr
     assert "document-request" not in result.stderr
     assert result.stderr.count("\n") == 1
@@ -72,7 +72,7 @@ def test_check_fails_on_a_missing_file(tmp_path: Path) -> None:
     shutil.copytree(SCHEMAS, copy)
     (copy / "pending-record.schema.json").unlink()
     result = run_schemas("--check", "--dir", str(copy))
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "pending-record.schema.json" in result.stderr
 
 

@@ -281,7 +281,7 @@ def test_cli_run_stops_with_one_line_for_a_delete_policy_changelog(
         timeout=90,
         check=False,
     )
-    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.returncode == 1, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert lines == [

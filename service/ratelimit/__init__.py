@@ -1,4 +1,4 @@
-"""One DocuTray rate limit shared by every replica (see DESIGN.md, "The shared rate limit").
+"""One DocuTray rate limit shared by every replica (README: "Settings", the rate-limit rows).
 
 - :mod:`.policy`: the decisions as pure functions (GCRA, AIMD, class shares, the submit gate).
 - :mod:`.redis_backend`: the same decisions as Lua scripts on one Redis hash per lane
