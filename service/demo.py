@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -175,6 +176,24 @@ def demo_requests(files_url: str, run: str) -> list[DocumentRequest]:
     return reqs
 
 
+def _workdir() -> Path:
+    """Where the demo's logs go: DEMO_DIR, else .stack/demo, else under TMPDIR (read-only roots)."""
+    explicit = os.environ.get("DEMO_DIR")
+    candidates = [Path(explicit)] if explicit else [Path(".stack/demo"), _tmp_demo_dir()]
+    for candidate in candidates:
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            last = exc
+            continue
+        return candidate
+    raise DemoError(f"cannot create the demo's directory {candidates[-1]}: {last.strerror}")
+
+
+def _tmp_demo_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "docutray-demo"
+
+
 def run_demo(*, echo: Callable[[str], None], timeout_s: float = 120.0) -> int:
     """Run the demo; return the exit code (0 when every request got its expected outcome)."""
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -182,8 +201,7 @@ def run_demo(*, echo: Callable[[str], None], timeout_s: float = 120.0) -> int:
         raise DemoError("KAFKA_BOOTSTRAP_SERVERS is not set; run `make demo` (it starts Kafka)")
     redis_url = os.environ.get("REDIS_URL", "")
     run = f"demo-{time.strftime('%H%M%S')}-{secrets.token_hex(2)}"
-    workdir = Path(os.environ.get("DEMO_DIR", ".stack/demo"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = _workdir()
     api_key = f"demo-{secrets.token_hex(8)}"
     topics = {
         "BRIDGE_INPUT_TOPIC": f"{run}.requests",
