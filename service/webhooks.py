@@ -45,7 +45,15 @@ from typing import Any
 
 import structlog
 import uvicorn
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -325,7 +333,7 @@ class WebhookReceiver:
             return self._answer("unrouted", 200)
         try:
             await self._producer.produce(self._topic, parsed)
-        except (RuntimeError, BufferError, ValueError) as exc:
+        except (RuntimeError, BufferError, ValueError, KafkaException) as exc:
             log.warning(
                 "webhook_produce_failed",
                 conversion_id=parsed.conversion_id,
