@@ -371,8 +371,10 @@ async def run_bridge(settings: Settings) -> int:
     stopping.set()
     log.info("bridge_stopping", action="draining in-flight work; committing; leaving the group")
     channel.pause("shutdown")
-    margin = min(5.0, settings.shutdown_grace_s / 3)
-    await engine.drain(grace_s=max(0.5, settings.shutdown_grace_s - margin * 2))
+    # Calls under way get the grace but for the final commit and close (a second or two; the
+    # chart gives the pod BRIDGE_SHUTDOWN_GRACE_S + 5 s before it is killed).
+    margin = min(2.0, settings.shutdown_grace_s / 5)
+    await engine.drain(grace_s=max(0.5, settings.shutdown_grace_s - margin))
     kafka.stop()
     left = max(1.0, settings.shutdown_grace_s - (time.monotonic() - started))
     joined = await asyncio.to_thread(kafka.join, left)

@@ -308,6 +308,7 @@ class KafkaIO:
         self._lso_checked = 0.0
         self._delivery_errors: list[KafkaError] = []
         self._batch_bytes = 0
+        self._aborts_in_a_row = 0
         #: Moving average of consumed record sizes (how many records one consume may take).
         self._record_bytes = 1024.0
         self._windows_expired = time.monotonic()
@@ -891,6 +892,7 @@ class KafkaIO:
             self._abort(batch, kerr)  # anything else: abort and rebuild from Kafka
             return
         metrics.TRANSACTIONS.labels("committed").inc()
+        self._aborts_in_a_row = 0
         for eff in batch:
             self._loop.call_soon_threadsafe(_committed, eff)
 
@@ -913,18 +915,44 @@ class KafkaIO:
         return self._consumer
 
     def _abort(self, batch: list[Effect], kerr: KafkaError) -> None:
+        """Abort; try the same effects once more, then rebuild the partitions from Kafka.
+
+        Most aborts pass: a rebalance bumped the group generation under the commit, a
+        broker moved. The effects of partitions still owned are simply written again in the
+        next transaction (the engine's state, ahead of Kafka, then matches it again), so
+        calls under way elsewhere are not cancelled. Only an abort that repeats rebuilds
+        the state of every assigned partition from what is durable.
+        """
         metrics.TRANSACTIONS.labels("aborted").inc()
-        log.error(
-            "transaction_aborted",
-            error=kerr.str(),
-            effects=len(batch),
-            action="state of assigned partitions is rebuilt from Kafka; nothing is lost",
-        )
         try:
             self._retrying("abort_transaction", lambda: self._producer_().abort_transaction(30))
         except KafkaException as abort_exc:
             raise FatalKafkaError(f"abort failed: {abort_exc.args[0].str()}") from None
+        live = [eff for eff in batch if self._epochs.get(eff.partition) == eff.epoch]
         for eff in batch:
+            if eff not in live:
+                self._fail(eff, StaleEffect("partition revoked before its commit"))
+        self._aborts_in_a_row += 1
+        if self._aborts_in_a_row <= _ABORT_RETRIES:
+            log.warning(
+                "transaction_aborted",
+                error=kerr.str(),
+                effects=len(batch),
+                retried=len(live),
+                action="none: the effects of partitions still owned are written again",
+            )
+            self._batch = live + self._batch
+            self._offsets_dirty = True
+            return
+        self._aborts_in_a_row = 0
+        log.error(
+            "transaction_aborted",
+            error=kerr.str(),
+            effects=len(batch),
+            action="aborted again: state of assigned partitions is rebuilt from Kafka; "
+            "nothing is lost",
+        )
+        for eff in live:
             self._fail(eff, StaleEffect("transaction aborted"))
         self._reset(sorted(self.assigned))
 
@@ -1191,6 +1219,9 @@ class KafkaIO:
         except (ValueError, TypeError, AttributeError):
             log.warning("kafka_stats_unreadable")
 
+
+#: Aborted transactions whose effects are written again before the state is rebuilt instead.
+_ABORT_RETRIES = 2
 
 #: One look-up (offsets, watermarks) waits this long at most; _retrying tries again, beating.
 _LOOKUP_TIMEOUT_S = 10.0
