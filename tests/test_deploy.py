@@ -77,8 +77,6 @@ ALERTS = {
     "DocutrayBridgeLimiterDegraded",
     "DocutrayBridgeNotReady",
     "DocutrayBridgeHeartbeatStale",
-    "DocutrayBridgeQuotaExhausted",
-    "DocutrayBridgePageBudget80",
 }
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 
