@@ -98,6 +98,17 @@ CONVERSION_DURATION = Histogram(
     ["document_type"],
     buckets=_DURATION_BUCKETS,
 )
+END_TO_END = Histogram(
+    "docutray_bridge_end_to_end_seconds",
+    "Time from the bridge accepting a request to its outcome being handed to Kafka, by outcome "
+    "(result or dead_letter): the latency a downstream reader sees, for SLOs.",
+    ["outcome"],
+    buckets=_DURATION_BUCKETS,
+)
+OLDEST_PENDING_AGE = Gauge(
+    "docutray_bridge_oldest_pending_age_seconds",
+    "Age of the oldest pending request on this replica (0 when none); refreshed every 5 s.",
+)
 STATUS_CALLS_PER_CONVERSION = Histogram(
     "docutray_bridge_status_calls_per_conversion",
     "Status calls spent on each finished conversion (the polling cost).",
@@ -332,6 +343,8 @@ def init_series() -> None:
         UNEXPECTED_ERRORS.labels(stage)
     for kind in ("pending", "documents"):
         MEMORY_HELD.labels(kind)
+    for outcome in ("result", "dead_letter"):
+        END_TO_END.labels(outcome)
     for reason in RESUBMIT_REASONS:
         RESUBMISSIONS.labels(reason)
     for reason in PAUSE_REASONS:

@@ -145,6 +145,7 @@ class Engine(EngineHooks):
         self.heartbeat = time.monotonic()
         self._gauges_dirty = True
         self._gauges_at = 0.0
+        self._oldest_at = 0.0
         #: When this replica last got a 402 with no accepted submit since (None: quota fine).
         self._quota_since: float | None = None
 
@@ -234,6 +235,11 @@ class Engine(EngineHooks):
         self._gauges_dirty = True
 
     def _refresh_gauges(self, now: float) -> None:
+        if now - self._oldest_at >= 5.0:
+            self._oldest_at = now
+            oldest = min((e.received_at for e in self._entries.values()), default=None)
+            age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+            metrics.OLDEST_PENDING_AGE.set(max(0.0, age))
         if self._gauges_dirty and now - self._gauges_at >= 0.5:
             self._gauges_dirty = False
             self._gauges_at = now
@@ -358,6 +364,9 @@ class Engine(EngineHooks):
         """Publish a result or dead letter and tombstone the pending record, in one transaction."""
         self._entries.pop(entry.key, None)
         self._update_gauges()
+        metrics.END_TO_END.labels("dead_letter" if dead_letter else "result").observe(
+            (utcnow() - entry.received_at).total_seconds()
+        )
         await self._write(
             Effect(
                 partition=entry.partition,
