@@ -29,6 +29,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.errors import BridgeError
+from service.redis_url import RedisUrlError, parse_redis_url
 
 #: Variables that are ours and must not be passed to librdkafka.
 _KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS"})
@@ -344,6 +345,17 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_form(cls, value: SecretStr) -> SecretStr:
+        # One of the forms in service/redis_url.py (one server, TLS, Sentinel, Cluster).
+        if value.get_secret_value():
+            try:
+                parse_redis_url(value.get_secret_value())
+            except RedisUrlError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
     @property
     def changelog(self) -> str:
         """The changelog topic name (explicit, or derived from the group id)."""
@@ -495,7 +507,7 @@ def load_settings(**overrides: Any) -> Settings:
         err = exc.errors()[0]
         name = _variable_name(tuple(err.get("loc", ())))
         msg = err.get("msg", "invalid value")
-        if is_secret_property(name):
+        if is_secret_property(name) or name == "REDIS_URL":  # a URL may hold a password
             raise SettingsError(f"invalid setting {name}: {msg}") from None
         value = err.get("input")
         shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""

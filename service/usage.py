@@ -20,13 +20,12 @@ import random
 import time
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service import metrics
 from service.docutray import DocuTrayClient, DocuTrayError
 from service.ratelimit import LimiterTimeout, RateLimiter
-from service.ratelimit.redis_backend import connect
+from service.ratelimit.redis_backend import RedisClient, connect
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +49,7 @@ class UsageWatcher:
     ) -> None:
         self._client = client
         self._limiter = limiter
-        self._redis: Redis | None = connect(redis_url) if redis_url else None
+        self._redis: RedisClient | None = connect(redis_url) if redis_url else None
         self._lock_key = f"{key_prefix}usage:lock"
         self._data_key = f"{key_prefix}usage"
         self._instance = instance

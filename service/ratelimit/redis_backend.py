@@ -9,7 +9,12 @@ only ever uses the *durations* the scripts return.
 The scripts mirror :func:`~service.ratelimit.policy.acquire_step` and
 :func:`~service.ratelimit.policy.rate_limited_step`; a test checks they agree.
 
-Keys (all under the one ``key_prefix`` the caller gives, see :func:`lane_key`):
+Keys (all under the one ``key_prefix`` the caller gives, see :func:`lane_key`; the
+bridge's prefix is ``docutray-bridge:{<group>}:``). An acquire touches a lane and the
+gate in one script, so every key carries the same Redis Cluster hash tag (the ``{...}``
+in the prefix, or one :func:`lane_key` adds) and lands in one slot: the scripts run
+unchanged on a cluster (ElastiCache cluster mode, Memorystore cluster), on Sentinel and on
+one server (see :func:`connect` for the URL forms).
 
 ``<prefix>ratelimit:<lane>``
     hash ``tat``, ``eff``, ``ceiling``, ``changed``, ``gate``, ``blocked``,
@@ -33,10 +38,17 @@ import math
 from typing import Any, Final
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from service.ratelimit.policy import AimdParams, Answer, Feedback, GateOp
+from service.redis_url import parse_redis_url
+
+RedisClient = Redis | RedisCluster
+"""A client of one server or Sentinel's master (``Redis``), or of a cluster."""
 
 _PRELUDE: Final = """
 local key = KEYS[1]
@@ -292,26 +304,77 @@ GATE_KEY: Final = "submit-gate"
 
 
 def lane_key(key_prefix: str, lane: str) -> str:
-    """The one Redis key holding a lane's state; every key the limiter uses comes from here."""
-    return f"{key_prefix}ratelimit:{lane}"
+    """The one Redis key holding a lane's state; every key the limiter uses comes from here.
+
+    All keys of one prefix share one Redis Cluster hash tag: the prefix's own ``{tag}``
+    when it has a non-empty one (``docutray-bridge:{orders}:`` gives
+    ``docutray-bridge:{orders}:ratelimit:shared``), else the whole prefix is made the tag
+    (``{test:ratelimit}:shared``).
+    """
+    if has_hash_tag(key_prefix):
+        return f"{key_prefix}ratelimit:{lane}"
+    return f"{{{key_prefix}ratelimit}}:{lane}"
+
+
+def has_hash_tag(text: str) -> bool:
+    """True when a key starting with ``text`` hashes by a tag inside ``text`` (Redis Cluster
+    spec: the first ``{``, then the first ``}`` after it, with something between)."""
+    start = text.find("{")
+    end = text.find("}", start + 1) if start >= 0 else -1
+    return end > start + 1
 
 
 def connect(
     redis_url: str, *, socket_timeout_s: float = 0.5, connect_timeout_s: float = 0.5
-) -> Redis:
-    """A Redis client that fails fast: short timeouts and a single retry.
+) -> RedisClient:
+    """A client for ``REDIS_URL`` (one server, TLS, Sentinel or Cluster: the forms are in
+    :mod:`service.redis_url`) that fails fast: short timeouts and a single retry.
 
-    The limiter falls back to its local share when Redis does not answer; a
-    client that retried for seconds would stall every permit instead. No
-    network I/O happens here (the pool connects lazily).
+    The limiter falls back to its local share when Redis does not answer; a client that
+    retried for seconds would stall every permit instead. Sentinel's client asks the
+    sentinels for the master on every new connection and drops connections to a master
+    that was demoted; the cluster client re-reads the slot map after a node fails. No
+    network I/O happens here (pools connect lazily). Raises
+    :class:`~service.redis_url.RedisUrlError` for a URL it cannot read.
     """
-    return Redis.from_url(
-        redis_url,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=connect_timeout_s,
+    target = parse_redis_url(redis_url)
+    fast: dict[str, Any] = {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": connect_timeout_s,
+        "health_check_interval": 0,
+    }
+    if target.topology == "standalone":
+        return Redis.from_url(redis_url, retry=Retry(NoBackoff(), retries=1), **fast)
+    options: dict[str, Any] = dict(parse_url(target.single_node_url()))
+    for name in ("host", "port", "path", "connection_class"):
+        options.pop(name, None)
+    options.update(fast)
+    if target.topology == "cluster":
+        options.pop("db", None)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            ssl=target.tls,
+            retry=Retry(NoBackoff(), retries=1),
+            **options,
+        )
+    db = options.pop("db", target.db)
+    sentinel_kwargs: dict[str, Any] = dict(fast)
+    if target.sentinel_username:
+        sentinel_kwargs["username"] = target.sentinel_username
+    if target.sentinel_password:
+        sentinel_kwargs["password"] = target.sentinel_password
+    if target.tls:
+        sentinel_kwargs["ssl"] = True
+        sentinel_kwargs.update({k: v for k, v in options.items() if k.startswith("ssl_")})
+    sentinel = Sentinel(target.nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    client: Redis = sentinel.master_for(
+        target.master,
+        db=db,
+        ssl=target.tls,
         retry=Retry(NoBackoff(), retries=1),
-        health_check_interval=0,
+        **options,
     )
+    return client
 
 
 class RedisBackend:
@@ -323,7 +386,7 @@ class RedisBackend:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         key_prefix: str,
         params: AimdParams,
