@@ -608,13 +608,18 @@ class Engine(EngineHooks):
         await self._submitted(entry, submission)
 
     def _not_called(self, entry: Entry) -> None:
-        """The submit stopped before its call: back to ``queued``, no resubmission to count."""
+        """The submit stopped before its call: back to ``queued``, no resubmission to count.
+
+        Unless it is in doubt (a previous owner may have submitted it): then its durable
+        state stays ``submitting``, so that whoever submits it next counts the resubmission.
+        """
         if not self._owned(entry) or entry.state != "submitting":
             return
-        entry.state = "queued"
         entry.attempts = max(0, entry.attempts - 1)
-        self._update_gauges()
-        self.kafka.submit(Effect(entry.partition, entry.epoch, [self._changelog(entry)]))
+        if not entry.in_doubt:
+            entry.state = "queued"
+            self._update_gauges()
+            self.kafka.submit(Effect(entry.partition, entry.epoch, [self._changelog(entry)]))
         if not self._stopping and entry.partition not in self._revoking:
             self._submit_due.schedule(entry.key, time.monotonic() + self._rng.uniform(0.5, 2.0))
 

@@ -311,3 +311,30 @@ async def test_a_transient_error_is_retried_with_backoff(answer: Exception) -> N
     await h.run_until(lambda: bool(h.kafka.results()))
     assert h.kafka.states("r1")[:3] == ["submitting", "queued", "submitting"]
     assert not h.kafka.dead_letters()
+
+
+async def test_an_in_doubt_submit_that_never_made_its_call_stays_in_doubt() -> None:
+    """A submit restored in `submitting` (the previous owner may have sent it) and stopped
+    before its own call must leave `submitting` behind, so the next owner counts it."""
+    h = Harness(DOCUTRAY_MAX_CONNECTIONS="2")  # one submit slot
+    gate = asyncio.Event()
+    h.client.submit_gate = gate
+    doubtful = h.entry("doubtful", 1)
+    doubtful.state = "submitting"
+    doubtful.in_doubt = True
+    h.engine.adopt(0, 1, [h.entry("a", 0)])
+    run = asyncio.get_running_loop().create_task(h.engine.run())
+    async with asyncio.timeout(5):
+        while h.client.submits < 1:
+            await asyncio.sleep(0.005)  # wait-ok: polling a condition under a deadline
+    h.engine.adopt(0, 1, [doubtful])
+    async with asyncio.timeout(5):
+        while "submitting" not in h.kafka.states("doubtful"):
+            await asyncio.sleep(0.005)  # wait-ok: polling a condition under a deadline
+    drain = asyncio.get_running_loop().create_task(h.engine.drain(grace_s=5))
+    gate.set()
+    await drain
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+    assert h.kafka.states("doubtful") == ["submitting"]
+    assert h.client.submits == 1
