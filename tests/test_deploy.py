@@ -77,6 +77,8 @@ ALERTS = {
     "DocutrayBridgeLimiterDegraded",
     "DocutrayBridgeNotReady",
     "DocutrayBridgeHeartbeatStale",
+    "DocutrayBridgeOldestPendingOld",
+    "DocutrayBridgeEndToEndSlow",
 }
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 
@@ -437,6 +439,33 @@ def test_service_monitor_and_prometheus_rule() -> None:
         f'up{{job=~".*docutray-bridge.*|{FULLNAME}"}} == 0'
         in rendered["DocutrayBridgeDown"]["expr"]
     )
+
+
+def test_prometheus_rule_thresholds_come_from_values() -> None:
+    """The SLO and oldest-pending thresholds: the source file's literals, or the values'."""
+    source = {r["alert"]: r["expr"] for g in load_rules()["groups"] for r in g["rules"]}
+    for sets, slo, age in (
+        (("prometheusRule.enabled=true",), "300", "1800"),
+        (
+            (
+                "prometheusRule.enabled=true",
+                "prometheusRule.endToEndSloSeconds=60",
+                "prometheusRule.oldestPendingAgeSeconds=900",
+            ),
+            "60",
+            "900",
+        ),
+    ):
+        rule = one(render(sets=sets), "PrometheusRule")
+        rendered = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+        slow = rendered["DocutrayBridgeEndToEndSlow"]
+        assert f") > {slo}\n" in slow, slow
+        assert slow.replace(f") > {slo}\n", ") > 300\n") == source["DocutrayBridgeEndToEndSlow"]
+        old = rendered["DocutrayBridgeOldestPendingOld"]
+        assert old.replace(f"> {age}\n", "> 1800\n") == source["DocutrayBridgeOldestPendingOld"]
+        assert f"> {age}\n" in old, old
+    # The SLO is a bucket bound of the histogram, so the dashboard's share panels can use it.
+    assert "must be one of" in render_error("prometheusRule.endToEndSloSeconds=250")
 
 
 def test_prometheus_rule_keeps_rule_severity_over_extra_labels() -> None:
@@ -979,6 +1008,11 @@ def test_dashboard_structure() -> None:
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
         "process_start_time_seconds",
+        "docutray_bridge_end_to_end_seconds_bucket",
+        "docutray_bridge_end_to_end_seconds_count",
+        "docutray_bridge_oldest_pending_age_seconds",
+        "docutray_bridge_memory_held_bytes",
+        "docutray_bridge_restore_waiting_partitions",
     ):
         assert metric in used, metric
     # A pod variable (ServiceMonitor scrapes label targets with `pod`) that every query honours.

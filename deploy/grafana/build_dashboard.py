@@ -105,6 +105,32 @@ CONFIGURED_STATUS: Final = m(
 )
 
 
+#: Bucket bounds of docutray_bridge_end_to_end_seconds (service/metrics.py _DURATION_BUCKETS)
+#: that make sense as an end-to-end SLO, as (label, `le` value as the Python client writes it).
+#: The SLO panels take the share of outcomes under the chosen bound: a bucket's cumulative count.
+SLO_CHOICES: Final = (
+    ("10 s", "10.0"),
+    ("30 s", "30.0"),
+    ("1 min", "60.0"),
+    ("2 min", "120.0"),
+    ("5 min", "300.0"),
+    ("10 min", "600.0"),
+    ("30 min", "1800.0"),
+    ("1 h", "3600.0"),
+)
+#: The default SLO: the chart's prometheusRule.endToEndSloSeconds default (300 s), which the
+#: DocutrayBridgeEndToEndSlow alert compares the p95 with.
+SLO_DEFAULT: Final = "300.0"
+E2E: Final = "docutray_bridge_end_to_end_seconds"
+
+
+def _slo_share(window: str) -> str:
+    """Share of outcomes published within $slo seconds of being received, over `window`."""
+    func = "increase" if window == "$__range" else "rate"
+    within = m(E2E + "_bucket", 'le="$slo"')
+    return f"sum({func}({within}[{window}])) / sum({func}({m(E2E + '_count')}[{window}]))"
+
+
 def _value_map(value: str, text: str, color: str) -> dict[str, Any]:
     return {"type": "value", "options": {value: {"text": text, "color": color, "index": 0}}}
 
@@ -272,6 +298,57 @@ ROWS: Final[tuple[Row, ...]] = (
                 (Query(rate("docutray_bridge_status_calls_total", "outcome"), "{{outcome}}"),),
                 unit="reqps",
                 stacked=True,
+            ),
+        ),
+    ),
+    Row(
+        "End-to-end latency and SLO",
+        (
+            Panel(
+                "End-to-end latency",
+                "From the bridge accepting a request to its outcome (result or dead letter) "
+                "being handed to Kafka, p50 and p95 by outcome: what downstream readers wait. "
+                "DocutrayBridgeEndToEndSlow fires when the p95 over 10 minutes passes the SLO.",
+                (
+                    Query(quantile(0.5, E2E, "outcome"), "p50 {{outcome}}"),
+                    Query(quantile(0.95, E2E, "outcome"), "p95 {{outcome}}"),
+                ),
+                unit="s",
+                width=8,
+            ),
+            Panel(
+                "Outcomes within the SLO",
+                "Share of outcomes published within the SLO variable's bound of being received "
+                "(the histogram bucket at that bound), results and dead letters together.",
+                (Query(_slo_share(RATE), "within SLO"),),
+                unit="percentunit",
+                width=6,
+                max_value=1,
+                thresholds=((0, "red"), (0.9, "orange"), (0.95, "green")),
+            ),
+            Panel(
+                "Within the SLO in the time range",
+                "Share of the outcomes of the dashboard's time range that met the SLO.",
+                (Query(_slo_share("$__range"), "within SLO", instant=True),),
+                type="stat",
+                unit="percentunit",
+                width=4,
+                max_value=1,
+                thresholds=((0, "red"), (0.9, "orange"), (0.95, "green")),
+            ),
+            Panel(
+                "Oldest pending request",
+                "Age of the oldest request each replica holds (0 when none). It keeps growing "
+                "in an outage even when nothing finishes, which the latency histogram cannot "
+                "show; DocutrayBridgeOldestPendingOld fires on it.",
+                (
+                    Query(
+                        f"max by (instance) ({m('docutray_bridge_oldest_pending_age_seconds')})",
+                        "{{instance}}",
+                    ),
+                ),
+                unit="s",
+                width=6,
             ),
         ),
     ),
@@ -486,7 +563,7 @@ ROWS: Final[tuple[Row, ...]] = (
                     ),
                 ),
                 unit="short",
-                width=8,
+                width=6,
             ),
             Panel(
                 "Memory",
@@ -499,7 +576,21 @@ ROWS: Final[tuple[Row, ...]] = (
                     ),
                 ),
                 unit="bytes",
-                width=8,
+                width=6,
+            ),
+            Panel(
+                "Memory held by the bridge",
+                "Bytes the bridge accounts for, per replica and kind: pending (entries' states) "
+                "and documents (read back for submits and dead letters). Consumption pauses "
+                "before BRIDGE_MEMORY_BUDGET_MB's shares are reached.",
+                (
+                    Query(
+                        f"sum by (instance, kind) ({m('docutray_bridge_memory_held_bytes')})",
+                        "{{instance}} {{kind}}",
+                    ),
+                ),
+                unit="bytes",
+                width=6,
             ),
             Panel(
                 "Restarts",
@@ -511,7 +602,7 @@ ROWS: Final[tuple[Row, ...]] = (
                         "{{instance}}",
                     ),
                 ),
-                width=8,
+                width=6,
             ),
         ),
     ),
@@ -524,7 +615,7 @@ ROWS: Final[tuple[Row, ...]] = (
                 "each one is a rebalance, a fenced producer or a broker error.",
                 (Query(rate("docutray_bridge_transactions_total", "outcome"), "{{outcome}}"),),
                 unit="ops",
-                width=8,
+                width=6,
             ),
             Panel(
                 "Changelog restore duration",
@@ -532,7 +623,7 @@ ROWS: Final[tuple[Row, ...]] = (
                 "waits for it).",
                 (Query(quantile(0.95, "docutray_bridge_changelog_restore_seconds", ""), "p95"),),
                 unit="s",
-                width=8,
+                width=6,
             ),
             Panel(
                 "Restored pending records",
@@ -544,7 +635,20 @@ ROWS: Final[tuple[Row, ...]] = (
                         "restored",
                     ),
                 ),
-                width=8,
+                width=6,
+            ),
+            Panel(
+                "Restores waiting",
+                "Assigned partitions whose restore waits for an open transaction on the state "
+                "topics (a producer that died mid-transaction: up to transaction.timeout.ms). "
+                "The replica is not ready meanwhile.",
+                (
+                    Query(
+                        f"sum by (instance) ({m('docutray_bridge_restore_waiting_partitions')})",
+                        "{{instance}}",
+                    ),
+                ),
+                width=6,
             ),
         ),
     ),
@@ -638,6 +742,28 @@ def _query_variable(name: str, label: str, query: str) -> dict[str, Any]:
         "hide": 0,
         "options": [],
         "regex": "",
+    }
+
+
+def _slo_variable() -> dict[str, Any]:
+    """A custom variable: the end-to-end SLO bound the SLO panels measure against."""
+    options = [
+        {"text": text, "value": value, "selected": value == SLO_DEFAULT}
+        for text, value in SLO_CHOICES
+    ]
+    default = next(o for o in options if o["selected"])
+    return {
+        "name": "slo",
+        "label": "End-to-end SLO",
+        "description": "Bound of the SLO panels (a bucket of docutray_bridge_end_to_end_seconds); "
+        "keep it equal to the chart's prometheusRule.endToEndSloSeconds.",
+        "type": "custom",
+        "query": ", ".join(f"{text} : {value}" for text, value in SLO_CHOICES),
+        "current": {"selected": True, "text": default["text"], "value": default["value"]},
+        "options": options,
+        "includeAll": False,
+        "multi": False,
+        "hide": 0,
     }
 
 
@@ -738,6 +864,7 @@ def build() -> dict[str, Any]:
                     f"label_values({build_info}"
                     '{namespace=~"$namespace", job=~"$job", pod=~"$pod"}, instance)',
                 ),
+                _slo_variable(),
             ]
         },
         "panels": panels,
