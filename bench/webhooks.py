@@ -67,6 +67,7 @@ def one_run(
     rate_per_s: float,
     duration_s: float,
     replicas: int,
+    fallback_poll_s: float | None = None,
 ) -> dict[str, Any]:
     """One run: emulator, bridge replicas, paced requests, every outcome read back."""
     port = free_port()
@@ -87,6 +88,8 @@ def one_run(
         env["REDIS_URL"] = os.environ["REDIS_URL"]
     if webhooks:
         env["BRIDGE_WEBHOOKS_ENABLED"] = "true"
+        if fallback_poll_s is not None:
+            env["BRIDGE_WEBHOOK_FALLBACK_POLL_S"] = str(fallback_poll_s)
     bridges: list[Bridge] = []
     collector: OutcomeCollector | None = None
     n = int(rate_per_s * duration_s)
@@ -137,6 +140,7 @@ def one_run(
     return {
         "run": label,
         "replicas": replicas,
+        "fallback_poll_s": fallback_poll_s if webhooks else None,
         "median_s": MEDIAN_S,
         "offered_rate_per_s": rate_per_s,
         "requests": n,
@@ -162,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of offered load")
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument(
+        "--fallback-poll-s", type=float, help="BRIDGE_WEBHOOK_FALLBACK_POLL_S (default: 30)"
+    )
     parser.add_argument("--only", choices=("polling", "webhooks", "lost"), action="append")
     parser.add_argument("--out", type=Path, default=Path("bench/results/webhooks.json"))
     opts = parser.parse_args(argv)
@@ -193,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             rate_per_s=opts.rate,
             duration_s=opts.duration,
             replicas=opts.replicas,
+            fallback_poll_s=opts.fallback_poll_s,
         )
         row["seconds"] = round(time.monotonic() - started, 1)
         rows.append(row)
