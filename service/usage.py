@@ -69,8 +69,12 @@ class UsageWatcher:
                 except Exception as exc:  # gauges only: never end the replica for them
                     log.warning("usage_read_failed", error=repr(exc))
         finally:
-            if self._redis is not None:
-                await self._redis.aclose()
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the Redis connection (if any)."""
+        if self._redis is not None:
+            await self._redis.aclose()
 
     async def turn(self) -> bool:
         """One turn; True when this replica called DocuTray."""
