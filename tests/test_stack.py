@@ -599,7 +599,11 @@ def test_isolated_stack_up_is_idempotent_restart_keeps_data_and_down_leaves_noth
 def isolated_cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
     """Environment for a three-broker stack in tmp_path on free ports; torn down after."""
     ports = _free_ports(13)
-    env = {**os.environ, "STACK_DIR": str(tmp_path / "cluster")}
+    env = {
+        **os.environ,
+        "STACK_DIR": str(tmp_path / "cluster"),
+        "STACK_KAFKA_START_TIMEOUT_S": "300",
+    }
     names = ("PORT", "CONTROLLER_PORT", "SASL_PORT", "SSL_PORT")
     for i, name in enumerate(names):
         env[f"STACK_KAFKA_{name}"] = ",".join(str(p) for p in ports[3 * i : 3 * i + 3])
@@ -612,12 +616,13 @@ def _broker_ids(bootstrap: str) -> set[int]:
     return set(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).brokers)
 
 
+@pytest.mark.timeout(900)
 def test_three_broker_cluster_survives_one_node_down_and_takes_it_back(
     isolated_cluster: dict[str, str], unique_id: UNIQUE_ID
 ) -> None:
     env = isolated_cluster
     started = time.monotonic()
-    stack_ctl("up", "--brokers", "3", env=env)
+    stack_ctl("up", "--brokers", "3", env=env, timeout_s=330)
     print(f"three-broker cluster: cold up {time.monotonic() - started:.1f} s")
 
     code, status = _status(env)
@@ -664,7 +669,7 @@ def test_three_broker_cluster_survives_one_node_down_and_takes_it_back(
     committed_with(b"one-down")  # min ISR 2 of 3: still writable, transactions included
 
     started = time.monotonic()
-    stack_ctl("start", "kafka-2", env=env)
+    stack_ctl("start", "kafka-2", env=env, timeout_s=330)
     print(f"three-broker cluster: kafka-2 back in {time.monotonic() - started:.1f} s")
     assert _status(env)[0] == 0
     assert _broker_ids(bootstrap) == {1, 2, 3}
