@@ -361,16 +361,42 @@ class KafkaIO:
                 self._iterate()
             self._shutdown()
         except BaseException as exc:  # the thread must report anything that ends it
+            cause = self._fatal_cause()
+            if cause is not None and not isinstance(exc, FatalKafkaError):
+                exc = FatalKafkaError(f"Kafka producer failed: {cause}")
             self.error = exc
+            fenced = "fenced" in str(exc).lower()
             log.critical(
                 "kafka_thread_failed",
                 error=str(exc),
                 error_type=type(exc).__name__,
-                action="the process exits; it restarts and restores from the changelog",
+                action=(
+                    "another process runs with this BRIDGE_INSTANCE_ID and took over: give "
+                    "each replica its own id; do not restart this one while the other runs"
+                    if fenced
+                    else "the process exits; it restarts and restores from the changelog"
+                ),
             )
             self._loop.call_soon_threadsafe(self._hooks.fatal, exc)
         finally:
             self.stopped.set()
+
+    def _fatal_cause(self) -> str | None:
+        """The producer's own fatal error (a fence), if it has one.
+
+        confluent-kafka sometimes surfaces a fatal producer error only as a SystemError
+        from a callback; asking the producer for a new transaction names the real cause.
+        """
+        if self._producer is None:
+            return None
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            kerr: KafkaError = exc.args[0]
+            return kerr.str() if kerr.fatal() else None
+        except Exception:  # a diagnosis only: the original error is reported
+            return None
+        return None
 
     def _setup(self) -> None:
         s = self._s
