@@ -61,6 +61,8 @@ def other_value(field: str) -> tuple[str, Any]:
     if typing.get_origin(annotation) is typing.Literal:
         choice = next(c for c in typing.get_args(annotation) if c != default)
         return str(choice).upper(), choice  # case-insensitive on purpose
+    if field == "redis_url":  # checked against the URL forms at load
+        return "redis://:secret@redis-for-test:6379/0", "redis://:secret@redis-for-test:6379/0"
     if annotation is SecretStr:
         return f"secret-for-{field}", f"secret-for-{field}"
     if annotation is bool:
