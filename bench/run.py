@@ -11,7 +11,8 @@ window's memory (issue 11.6). The full scenario 5 writes ~20 GB to Kafka
 
 Needs the local stack (``KAFKA_BOOTSTRAP_SERVERS``; ``REDIS_URL`` or a
 ``redis-server`` binary for the 3-replica run): ``make bench`` starts it and
-exports both. Full run about 20-25 minutes, ``--quick`` about 4.
+exports both. Scenarios 1-4 take about 15-25 minutes, 6-8 about 6, scenario 5 at
+10,000 from about 15 minutes (an idle machine) to an hour; ``--quick`` about 7 in all.
 
 Writes ``bench/results/latest.json`` (scenarios not run this time keep their
 previous figures, each marked with its mode and time), ``chart.png`` and
@@ -61,7 +62,7 @@ def _now() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, about 4 minutes")
+    parser.add_argument("--quick", action="store_true", help="small sizes, about 7 minutes")
     parser.add_argument(
         "--scenario", action="append", choices=sorted(SCENARIOS), help="run only these (repeat)"
     )
