@@ -51,12 +51,14 @@ lock:
 	@mv constraints.txt.tmp constraints.txt
 	@echo "make: wrote constraints.txt ($$(wc -l < constraints.txt) pins)" >&2
 
-# helm + promtool for tests/test_deploy.py, built once from the Go module proxy into .cache/bin
-# (minutes on a cold Go cache, seconds after). `make test` starts this in the background so the
-# build overlaps the rest of the suite; the deploy tests run last and wait for its lock.
+# helm + promtool for tests/test_deploy.py and the Prometheus server for
+# tests/test_prometheus_live.py, built once from the Go module proxy into .cache/bin (minutes on
+# a cold Go cache, seconds after). `make test` starts this in the background so the build
+# overlaps the rest of the suite; those tests run last and wait for its lock.
 tools:
 	scripts/helm --path >/dev/null
 	scripts/promtool --path >/dev/null
+	scripts/prometheus --path >/dev/null
 
 # The container image localhost/docutray-bridge:dev (scripts/image: docker or podman; a Python
 # base made from Debian's packages when no registry answers, cached under .cache/image).

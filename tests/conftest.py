@@ -16,9 +16,9 @@ pytest_plugins = [
     "tests.fixtures.bridge",
 ]
 
-#: Run last: they need helm and promtool, and the container image, which `make test` builds in
-#: the background meanwhile.
-_LAST = ("tests/test_deploy.py", "tests/test_image.py")
+#: Run last: they need helm, promtool and prometheus, and the container image, which `make test`
+#: builds in the background meanwhile.
+_LAST = ("tests/test_deploy.py", "tests/test_prometheus_live.py", "tests/test_image.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
