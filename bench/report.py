@@ -134,8 +134,32 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _judge_big(sc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for scenarios 5-8 (issue 12's targets and issue 11.6's dedupe memory)."""
+    """Rows for scenarios 3b and 5-8 (issue 12's targets and issue 11.6's dedupe memory)."""
     rows: list[dict[str, Any]] = []
+    s3b = sc.get("3b")
+    if s3b and "rss_mb_peak_vmhwm" in s3b:
+        n = s3b["requests"]
+        scaled = "" if n >= 100_000 else f"measured at {n:,} pending"
+        peak = max(s3b["rss_mb_peak_vmhwm"], s3b.get("restart_rss_mb_peak_vmhwm", 0))
+        rows.append(
+            _row(
+                "3b",
+                "100,000 pending small requests: RSS < 200 MB",
+                f"{peak} MB peak (VmHWM) at {n:,} queued, {s3b.get('restart_rss_mb')} MB restored",
+                peak < 200 if not scaled else None,
+                scaled,
+            )
+        )
+        rows.append(
+            _row(
+                "3b",
+                "restore < 5 s",
+                f"{s3b['restore_seconds_metric_sum']} s restore metric; "
+                f"{s3b['restart_kill_to_ready_s']} s kill -9 to ready",
+                s3b["restart_kill_to_ready_s"] < 5 if not scaled else None,
+                scaled,
+            )
+        )
     s5 = sc.get("5")
     if s5 and "rss_mb_peak_vmhwm" in s5:
         n = s5["requests"]
@@ -316,12 +340,14 @@ def tables(results: dict[str, Any]) -> str:
 
 
 def _tables_big(sc: dict[str, Any]) -> list[str]:
-    """Tables of scenarios 5-8."""
+    """Tables of scenarios 3b and 5-8."""
     out: list[str] = []
-    s5 = sc.get("5")
-    if s5 and "rss_mb_peak_vmhwm" in s5:
+    for key, title in (("3b", "Pending small requests"), ("5", "Pending 1 MiB documents")):
+        s5 = sc.get(key)
+        if not (s5 and "rss_mb_peak_vmhwm" in s5):
+            continue
         out.append(
-            f"### 5. Pending 1 MiB documents, budget {s5['config']['BRIDGE_MEMORY_BUDGET_MB']} MB "
+            f"### {key}. {title}, budget {s5['config']['BRIDGE_MEMORY_BUDGET_MB']} MB "
             f"(mode {s5.get('mode', '?')})\n"
         )
         out.append(
