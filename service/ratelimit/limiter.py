@@ -78,7 +78,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from service.ratelimit.exceptions import LimiterClosed, LimiterTimeout
 from service.ratelimit.local_backend import LocalBackend
@@ -107,7 +107,9 @@ EventHook = Callable[[str, dict[str, Any]], None]
 
 Mode = Literal["redis", "local"]
 
-_REDIS_FAILURES = (RedisError, OSError)  # OSError covers builtin TimeoutError and ConnectionError
+# OSError covers builtin TimeoutError and ConnectionError; RedisClusterException is not a
+# RedisError ("no reachable node", "slot not covered" while a cluster fails over).
+_REDIS_FAILURES = (RedisError, RedisClusterException, OSError)
 
 _SUBMITS_RECENT_S = 5.0
 """Submissions granted this recently (any replica) compete with polls for a shared budget."""
