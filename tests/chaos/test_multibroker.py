@@ -18,6 +18,7 @@ pending, and no replica exits (the harness restarts an exited replica, or one wh
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -82,6 +83,7 @@ def cluster() -> Iterator[Cluster]:
         yield Cluster(env=parse_env_file(root / "env"), ctl_env=ctl_env)
     finally:
         stack_ctl("down", "--wipe", env=ctl_env, check=False, timeout_s=300)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def java_hash(text: str) -> int:
