@@ -152,6 +152,24 @@ def test_stdlib_logging_goes_through_the_scrubber(fmt: str) -> None:
     assert SECRET not in text
 
 
+def test_stdlib_and_uvicorn_lines_join_the_json_stream() -> None:
+    """A production log is one JSON stream: library lines are JSON objects too."""
+    buf = io.StringIO()
+    configure_logging(fmt="json", stream=buf)
+    logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("some.library").exception("it failed")
+    first, second = json_lines(buf.getvalue())
+    assert first["event"] == "Invalid HTTP request received."
+    assert first["logger"] == "uvicorn.error"
+    assert first["level"] == "warning"
+    assert first["timestamp"].endswith("Z")
+    assert second["event"] == "it failed"
+    assert "ValueError" in json.dumps(second["exception"])
+
+
 def test_stdlib_info_is_quiet_by_default() -> None:
     buf = io.StringIO()
     configure_logging(fmt="json", level="info", stream=buf)
