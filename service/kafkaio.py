@@ -398,7 +398,13 @@ class KafkaIO:
             return None
         return None
 
-    def _setup(self) -> None:
+    def _new_producer(self) -> None:
+        """The transactional producer, ready for its first transaction.
+
+        Same transactional id as this replica's previous life (or a stuck producer of this
+        process): init_transactions fences that producer and aborts its open transaction at
+        once, so a restore need not wait for the transaction timeout.
+        """
         s = self._s
         self._producer = Producer(
             {
@@ -412,10 +418,55 @@ class KafkaIO:
                 **s.extra_producer,
             }
         )
-        # Same transactional id as this replica's previous life: init_transactions fences that
-        # producer and aborts its open transaction at once, so the restore below need not
-        # wait for the transaction timeout (a new name would leave it open for up to 60 s).
-        self._retrying("init_transactions", lambda: self._producer_().init_transactions(30))
+        producer = self._producer
+        self._retrying(
+            "init_transactions",
+            lambda: self._bounded("init_transactions", lambda: producer.init_transactions(30)),
+        )
+
+    def _bounded(self, what: str, call: Callable[[], Any]) -> Any:
+        """Run a librdkafka call that may never return, beating; _CallHung past the limit.
+
+        librdkafka's send_offsets_to_transaction waits without a deadline for its result,
+        whatever timeout it is given: when the transaction coordinator's broker goes away
+        at the wrong moment it blocks forever (seen on a three-broker cluster). The call
+        runs on a helper thread so that this thread can give up on it.
+        """
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = call()
+            except BaseException as exc:  # handed to the Kafka thread below
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"kafka-{what}", daemon=True).start()
+        deadline = time.monotonic() + _CALL_LIMIT_S
+        while not done.wait(0.5):
+            self._beat()
+            if time.monotonic() > deadline:
+                raise _CallHung(f"{what} did not return within {_CALL_LIMIT_S:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _replace_producer(self, reason: str) -> None:
+        """Leave a stuck producer behind and carry on with a new one (same transactional id)."""
+        metrics.KAFKA_RETRIES.labels("producer_replaced").inc()
+        log.error(
+            "kafka_producer_replaced",
+            reason=reason,
+            action="none: a new producer with the same transactional id fences the stuck one "
+            "and aborts its transaction; the effects are written again",
+        )
+        self._new_producer()  # the old one stays with its blocked thread; it cannot be closed
+
+    def _setup(self) -> None:
+        s = self._s
+        self._new_producer()
         self._reader = StateReader(s.common)
         static = {"group.instance.id": s.instance_id} if s.static_membership else {}
         self._consumer = Consumer(
@@ -908,14 +959,24 @@ class KafkaIO:
                 group = self._consumer.consumer_group_metadata()
                 self._retrying(
                     "send_offsets_to_transaction",
-                    lambda: producer.send_offsets_to_transaction(positions, group, 30),
+                    lambda: self._bounded(
+                        "send_offsets_to_transaction",
+                        lambda: producer.send_offsets_to_transaction(positions, group, 30),
+                    ),
                 )
+            # Not bounded like the offsets: a commit given up on might still complete, and
+            # writing its effects again would publish them twice. A stuck commit is left to
+            # the watchdog (the process restarts and restores from Kafka).
             self._retrying("commit_transaction", lambda: producer.commit_transaction(30))
         except KafkaException as exc:
             kerr: KafkaError = exc.args[0]
             if kerr.fatal():
                 raise FatalKafkaError(f"transaction failed: {kerr.str()}") from None
-            self._abort(batch, kerr)  # anything else: abort and rebuild from Kafka
+            self._abort(batch, kerr.str())  # anything else: abort and rebuild from Kafka
+            return
+        except _CallHung as hung:
+            self._replace_producer(str(hung))
+            self._retry_or_reset(batch, str(hung))
             return
         metrics.TRANSACTIONS.labels("committed").inc()
         self._aborts_in_a_row = 0
@@ -940,7 +1001,7 @@ class KafkaIO:
         assert self._consumer is not None
         return self._consumer
 
-    def _abort(self, batch: list[Effect], kerr: KafkaError) -> None:
+    def _abort(self, batch: list[Effect], error: str) -> None:
         """Abort; try the same effects once more, then rebuild the partitions from Kafka.
 
         Most aborts pass: a rebalance bumped the group generation under the commit, a
@@ -949,11 +1010,15 @@ class KafkaIO:
         calls under way elsewhere are not cancelled. Only an abort that repeats rebuilds
         the state of every assigned partition from what is durable.
         """
-        metrics.TRANSACTIONS.labels("aborted").inc()
         try:
             self._retrying("abort_transaction", lambda: self._producer_().abort_transaction(30))
         except KafkaException as abort_exc:
             raise FatalKafkaError(f"abort failed: {abort_exc.args[0].str()}") from None
+        self._retry_or_reset(batch, error)
+
+    def _retry_or_reset(self, batch: list[Effect], error: str) -> None:
+        """After an abort: the live effects go into the next transaction, twice at most."""
+        metrics.TRANSACTIONS.labels("aborted").inc()
         live = [eff for eff in batch if self._epochs.get(eff.partition) == eff.epoch]
         for eff in batch:
             if eff not in live:
@@ -962,7 +1027,7 @@ class KafkaIO:
         if self._aborts_in_a_row <= _ABORT_RETRIES:
             log.warning(
                 "transaction_aborted",
-                error=kerr.str(),
+                error=error,
                 effects=len(batch),
                 retried=len(live),
                 action="none: the effects of partitions still owned are written again",
@@ -973,7 +1038,7 @@ class KafkaIO:
         self._aborts_in_a_row = 0
         log.error(
             "transaction_aborted",
-            error=kerr.str(),
+            error=error,
             effects=len(batch),
             action="aborted again: state of assigned partitions is rebuilt from Kafka; "
             "nothing is lost",
@@ -1244,6 +1309,14 @@ class KafkaIO:
                     metrics.CONSUMER_LAG.labels(str(p)).set(lag)
         except (ValueError, TypeError, AttributeError):
             log.warning("kafka_stats_unreadable")
+
+
+#: A transactional call that has not returned after this long is taken for stuck.
+_CALL_LIMIT_S = 45.0
+
+
+class _CallHung(Exception):
+    """A librdkafka call did not return in time (see KafkaIO._bounded)."""
 
 
 #: Aborted transactions whose effects are written again before the state is rebuilt instead.
