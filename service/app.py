@@ -44,6 +44,7 @@ from service.kafkaio import Channel, KafkaErrorLog, KafkaIO, KafkaSettings
 from service.logging import register_secrets
 from service.pipeline import Engine
 from service.ratelimit import build_limiter
+from service.redis_url import parse_redis_url
 from service.scheduler import DurationModel, PollPolicy
 from service.topics import (
     completions_topic,
@@ -190,6 +191,7 @@ async def run_bridge(settings: Settings) -> int:
             api_key,
             redis_url,
             redis_password,
+            *(parse_redis_url(redis_url).secrets() if redis_url else ()),
             *(v for k, v in passthrough.items() if is_secret_property(k)),
         ]
     )
