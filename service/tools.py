@@ -17,7 +17,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from pydantic import ValidationError
 
 from service.dedupe import REPLAY_HEADER
@@ -87,23 +94,61 @@ def produce_requests(
     conf: dict[str, Any], topic: str, requests: list[DocumentRequest], *, timeout_s: float = 30.0
 ) -> None:
     """Produce requests keyed by request id and wait until Kafka has them all."""
-    producer = Producer({**conf, "enable.idempotence": True, "message.max.bytes": 33554432})
-    errors: list[str] = []
-
-    def report(err: KafkaError | None, _msg: Any) -> None:
-        if err is not None:
-            errors.append(err.str())
-
+    delivery = _Delivery(conf)
     for req in requests:
-        producer.produce(
+        delivery.producer.produce(
             topic,
             key=req.request_id.encode(),
             value=req.model_dump_json(exclude_none=True).encode(),
-            on_delivery=report,
+            on_delivery=delivery.report,
         )
-    left = producer.flush(timeout_s)
-    if left or errors:
-        raise ToolError(f"could not deliver {left or len(errors)} request(s): {errors[:1]}")
+    delivery.wait("could not deliver", timeout_s)
+
+
+class _Delivery:
+    """A producer for the tools that can say why records were not delivered."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.client_errors = _ClientErrors()
+        self.errors: list[str] = []
+        self.producer = Producer(
+            {
+                **conf,
+                "enable.idempotence": True,
+                "message.max.bytes": 33554432,
+                "error_cb": self.client_errors,
+            }
+        )
+
+    def report(self, err: KafkaError | None, _msg: Any) -> None:
+        """The delivery callback."""
+        if err is not None:
+            self.errors.append(err.str())
+
+    def wait(self, what: str, timeout_s: float) -> None:
+        """Wait for every record; ToolError with the reason if any was not delivered."""
+        left = self.producer.flush(timeout_s)
+        if self.errors:
+            raise ToolError(f"{what} {len(self.errors)} record(s): {self.errors[0]}")
+        if left:
+            raise ToolError(
+                f"{what} {left} record(s) within {timeout_s:g} s{self.client_errors.why()}; "
+                "check KAFKA_BOOTSTRAP_SERVERS, TLS (KAFKA_SSL_CA_LOCATION) and credentials"
+            )
+
+
+class _ClientErrors:
+    """librdkafka's error callback for the tools: keeps the last error, to say why."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    def __call__(self, err: KafkaError) -> None:
+        self.last = err.str()
+
+    def why(self) -> str:
+        """The last client error, as a clause to append to a message."""
+        return f" (last Kafka error: {self.last})" if self.last else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +183,11 @@ def read_outcomes(
     Without `follow`, stops at the end of every partition; with it, goes on
     until `stop()` says so.
     """
+    client_errors = _ClientErrors()
     consumer = Consumer(
         {
             **conf,
+            "error_cb": client_errors,
             "group.id": f"docutray-bridge-reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
@@ -149,7 +196,14 @@ def read_outcomes(
         }
     )
     try:
-        md = consumer.list_topics(timeout=10)
+        try:
+            md = consumer.list_topics(timeout=10)
+        except KafkaException as exc:
+            consumer.poll(0)  # serves the error callback: it knows why
+            raise ToolError(
+                f"cannot read from Kafka: {exc.args[0].str()}{client_errors.why()}; check "
+                "KAFKA_BOOTSTRAP_SERVERS, TLS (KAFKA_SSL_CA_LOCATION) and credentials"
+            ) from None
         tps: list[TopicPartition] = []
         for t in topics:
             tmd = md.topics.get(t)
@@ -258,27 +312,19 @@ def replay_dead_letters(
         selected.append((letter, f"{outcome.topic}/{outcome.partition}/{outcome.offset}"))
     if dry_run or not selected:
         return ReplayPlan([letter for letter, _ in selected], skipped)
-    producer = Producer({**conf, "enable.idempotence": True, "message.max.bytes": 33554432})
-    errors: list[str] = []
-
-    def report(err: KafkaError | None, _msg: Any) -> None:
-        if err is not None:
-            errors.append(err.str())
-
+    delivery = _Delivery(conf)
     for n, (letter, where) in enumerate(selected, 1):
         orig = letter.original
         headers = [(k, v) for k, v in orig.header_tuples() if k != REPLAY_HEADER]
         headers.append((REPLAY_HEADER, where.encode()))
-        producer.produce(
+        delivery.producer.produce(
             input_topic or orig.topic,
             key=orig.key.raw() if orig.key is not None else None,
             value=orig.value.raw() if orig.value is not None else None,
             headers=headers,
-            on_delivery=report,
+            on_delivery=delivery.report,
         )
         if progress is not None:
             progress(n)
-    left = producer.flush(30)
-    if left or errors:
-        raise ToolError(f"replay incomplete: {left or len(errors)} not delivered {errors[:1]}")
+    delivery.wait("replay incomplete: could not deliver", 30)
     return ReplayPlan([letter for letter, _ in selected], skipped)
