@@ -48,7 +48,7 @@ SCENARIOS: dict[str, tuple[str, Callable[[Context], dict[str, Any]]]] = {
     "1": ("throughput at a rate limit", throughput.run),
     "2": ("raw pipeline cost", pipeline_cost.run),
     "3": ("scale of the pending set", pending_scale.run),
-    "3b": ("100,000 small requests pending, restore after kill -9", big_payloads.run_pending_small),
+    "3b": ("small requests pending, restore after kill -9", big_payloads.run_pending_small),
     "4": ("polling efficiency", polling_efficiency.run),
     "5": ("1 MB documents pending, restore after kill -9", big_payloads.run_pending_documents),
     "6": ("bytes written to Kafka per input byte", big_payloads.run_write_amplification),
