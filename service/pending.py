@@ -41,8 +41,10 @@ from service.messages import (
 
 #: Metadata up to this size (as JSON) is kept in the state; larger is read from the document.
 INLINE_METADATA_BYTES = 2048
-#: What an entry costs in memory beyond its headers and metadata (measured, see benchmarks).
-ENTRY_OVERHEAD_BYTES = 600
+#: What an entry costs in memory beyond its headers and metadata: the entry itself (~750
+#: bytes) and its share of the engine's and the Kafka thread's dicts and queues (RSS grew
+#: ~2 KB per pending request with 100,000 pending; see docs/benchmarks.md, scenario 3b).
+ENTRY_OVERHEAD_BYTES = 2000
 
 Headers = list[tuple[str, str | bytes | None]]
 _HEADERS = TypeAdapter(list[OriginalHeader])

@@ -240,7 +240,9 @@ class Engine(EngineHooks):
             oldest = min((e.received_at for e in self._entries.values()), default=None)
             age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
             metrics.OLDEST_PENDING_AGE.set(max(0.0, age))
-        if self._gauges_dirty and now - self._gauges_at >= 0.5:
+        # Counting walks every entry: with 100,000 pending, twice a second was 30 % of the CPU.
+        every_s = min(5.0, 0.5 + len(self._entries) / 20_000)
+        if self._gauges_dirty and now - self._gauges_at >= every_s:
             self._gauges_dirty = False
             self._gauges_at = now
             for state, n in self.counts().items():
