@@ -421,6 +421,18 @@ class CompletionsReader:
         self._stop.set()
         self._thread.join(timeout=timeout_s)
 
+    def _end(self, consumer: Consumer, partition: int) -> TopicPartition:
+        """The partition from its end as of now (an exact offset: a lazily resolved
+        OFFSET_END would skip what arrives before the first fetch)."""
+        try:
+            _, high = consumer.get_watermark_offsets(
+                TopicPartition(self._topic, partition), timeout=5.0, cached=False
+            )
+        except KafkaException as exc:
+            log.warning("completions_offset_unknown", partition=partition, error=str(exc))
+            return TopicPartition(self._topic, partition, OFFSET_END)
+        return TopicPartition(self._topic, partition, high)
+
     def _run(self) -> None:
         consumer = Consumer(self._conf)
         have: frozenset[int] = frozenset()
@@ -435,9 +447,7 @@ class CompletionsReader:
                             [TopicPartition(self._topic, p) for p in sorted(gone)]
                         )
                     if new:
-                        consumer.incremental_assign(
-                            [TopicPartition(self._topic, p, OFFSET_END) for p in sorted(new)]
-                        )
+                        consumer.incremental_assign([self._end(consumer, p) for p in sorted(new)])
                     have = want
                 if not have:
                     self._stop.wait(0.2)

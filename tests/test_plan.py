@@ -217,6 +217,8 @@ def test_duplicate_and_forged_webhooks_are_harmless(
     ids = sent_ids(requests)
     rig.send(list(requests))
     url = f"http://127.0.0.1:{port}/webhooks/docutray"
+    # Forged posts while most requests are pending (the first result shows the readers run).
+    wait_for(lambda: rig.by_request(), 30, message="a first result")
     forged_answers = []
     with httpx.Client(timeout=10) as client:
         for i in range(20):
@@ -251,16 +253,43 @@ def test_duplicate_and_forged_webhooks_are_harmless(
         result = grouped[rid][0].result
         assert result is not None
         assert result.data.get("total") != 1_000_000
-    wait_for(
-        lambda: (
-            sum(
-                p.metric("docutray_bridge_webhook_wakeups_total", outcome=o)
-                for p in procs
-                for o in ("unknown", "mismatch")
-            )
-            >= 25
-        ),
-        20,
-        message="forged and duplicate wake-ups counted",
-    )
+
+    def wakeups(*outcomes: str) -> float:
+        return sum(
+            p.metric("docutray_bridge_webhook_wakeups_total", outcome=o)
+            for p in procs
+            for o in outcomes
+        )
+
+    # Every forged post was read by an owner and cost no call (unknown id, wrong
+    # conversion, or a request not yet submitted).
+    try:
+        wait_for(
+            lambda: wakeups("unknown", "mismatch", "early") >= 30,
+            20,
+            message="forged wake-ups counted",
+        )
+    except AssertionError:
+        detail = {o: wakeups(o) for o in ("woke", "unknown", "mismatch", "early")}
+        hooks = {
+            o: procs[0].metric("docutray_bridge_webhooks_total", outcome=o)
+            for o in ("routed", "ignored", "unrouted", "invalid", "rate_limited", "too_large")
+        }
+        raise AssertionError(f"forged wake-ups not all counted: {detail}; posts {hooks}") from None
+    # Forged completions of finished requests, on every partition: ignored and counted.
+    before, calls_before = wakeups("unknown"), emu.stats()["status_calls"]
+    with httpx.Client(timeout=10) as client:
+        for rid in sorted(ids)[:10]:
+            for partition in range(3):
+                body = {
+                    "conversion_id": "forged",
+                    "status": "SUCCESS",
+                    "document_metadata": {
+                        "_docutray_bridge": {"request_id": rid, "partition": partition}
+                    },
+                }
+                assert client.post(url, json=body).status_code == 200
+    wait_for(lambda: wakeups("unknown") >= before + 30, 20, message="finished ids counted")
+    assert emu.stats()["status_calls"] == calls_before
+    assert len(rig.outcomes()) == len(ids)
     assert emu.stats()["webhooks"]["duplicated"] >= 1
