@@ -133,7 +133,7 @@ def entry(documents: FakeDocuments, rid: str, offset: int) -> Entry:
     return out
 
 
-async def run_until(engine: Engine, done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def run_until(engine: Engine, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
     tasks = [
         asyncio.get_running_loop().create_task(engine.run()),
         asyncio.get_running_loop().create_task(engine.watch_submit_hold(every_s=0.05)),
@@ -196,7 +196,7 @@ async def test_a_wake_up_makes_one_status_call_due_now() -> None:
     assert client.status_calls == 0
     client.done = True
     assert engine.wake(0, "r1", "c1") == "woke"
-    await run_until(engine, lambda: "results" in kafka.topics(), timeout_s=2.0)
+    await run_until(engine, lambda: "results" in kafka.topics(), timeout_s=10.0)
     assert client.status_calls == 1
     assert engine.wake(0, "r1", "c1") == "unknown"  # a duplicate after the result
     result = next(
