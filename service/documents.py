@@ -24,7 +24,6 @@ compacted, for exactly as long as the request is pending.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import deque
 from typing import Any
@@ -39,12 +38,23 @@ class DocumentMissing(BridgeError):
 
 
 class DocumentReader:
-    """Reads documents back by (partition, offset); one read at a time, off the event loop."""
+    """Reads documents back by (partition, offset), off the event loop, a few at a time.
 
-    def __init__(self, conf: dict[str, Any], topic: str, *, timeout_s: float = 30.0) -> None:
+    A small pool of consumers (no group, assigned to one offset per read): a read is a
+    fetch round trip, and submits wait for them, so reads run side by side.
+    """
+
+    def __init__(
+        self, conf: dict[str, Any], topic: str, *, readers: int = 4, timeout_s: float = 30.0
+    ) -> None:
         self._topic = topic
         self._timeout_s = timeout_s
-        self._consumer = Consumer(
+        self._consumers = [self._consumer(conf) for _ in range(readers)]
+        self._free: asyncio.Queue[Consumer] | None = None
+
+    @staticmethod
+    def _consumer(conf: dict[str, Any]) -> Consumer:
+        return Consumer(
             {
                 **conf,
                 "group.id": "docutray-bridge-documents",
@@ -60,43 +70,48 @@ class DocumentReader:
                 "fetch.max.bytes": 64 * 1024 * 1024,
             }
         )
-        self._lock = threading.Lock()
 
     def close(self) -> None:
-        """Close the consumer."""
-        with self._lock:
-            self._consumer.close()
+        """Close the consumers (call once no read is under way)."""
+        for consumer in self._consumers:
+            consumer.close()
 
     async def read(self, partition: int, offset: int) -> bytes:
         """The document record's value at `offset` of `partition`."""
-        return await asyncio.to_thread(self._read, partition, offset)
+        if self._free is None:  # made in the event loop that reads
+            self._free = asyncio.Queue()
+            for consumer in self._consumers:
+                self._free.put_nowait(consumer)
+        consumer = await self._free.get()
+        try:
+            return await asyncio.to_thread(self._read, consumer, partition, offset)
+        finally:
+            self._free.put_nowait(consumer)
 
-    def _read(self, partition: int, offset: int) -> bytes:
-        with self._lock:
-            consumer = self._consumer
-            consumer.assign([TopicPartition(self._topic, partition, offset)])
-            deadline = time.monotonic() + self._timeout_s
-            try:
-                while time.monotonic() < deadline:
-                    msg = consumer.poll(0.5)
-                    if msg is None:
+    def _read(self, consumer: Consumer, partition: int, offset: int) -> bytes:
+        consumer.assign([TopicPartition(self._topic, partition, offset)])
+        deadline = time.monotonic() + self._timeout_s
+        try:
+            while time.monotonic() < deadline:
+                msg = consumer.poll(0.5)
+                if msg is None:
+                    continue
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
                         continue
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            continue
-                        raise KafkaException(err)
-                    if msg.partition() != partition or (msg.offset() or 0) < offset:
-                        continue
-                    value = msg.value()
-                    if msg.offset() != offset or value is None:
-                        raise DocumentMissing(
-                            f"document at {self._topic}[{partition}]@{offset} is gone "
-                            f"(found offset {msg.offset()})"
-                        )
-                    return value
-            finally:
-                consumer.unassign()
+                    raise KafkaException(err)
+                if msg.partition() != partition or (msg.offset() or 0) < offset:
+                    continue
+                value = msg.value()
+                if msg.offset() != offset or value is None:
+                    raise DocumentMissing(
+                        f"document at {self._topic}[{partition}]@{offset} is gone "
+                        f"(found offset {msg.offset()})"
+                    )
+                return value
+        finally:
+            consumer.unassign()
         raise DocumentMissing(
             f"document at {self._topic}[{partition}]@{offset} not read within {self._timeout_s:g} s"
         )

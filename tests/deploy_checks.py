@@ -113,12 +113,16 @@ def exported_metric_names(scrape_text: str) -> set[str]:
     return names
 
 
+#: Series Prometheus makes itself for every target (the "bridge down" alerts use `up`).
+PROMETHEUS_OWN_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
+
+
 def unknown_metrics(exprs: Iterable[str], scrape_text: str) -> set[str]:
     """Metric names used by `exprs` that the scrape does not export (empty: all good)."""
     used: set[str] = set()
     for expr in exprs:
         used |= promql_metric_names(expr)
-    return used - exported_metric_names(scrape_text)
+    return used - exported_metric_names(scrape_text) - PROMETHEUS_OWN_SERIES
 
 
 def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def test_kill_during_restore_repeatedly(chaos: ChaosFactory) -> None:
     points = [
         ("ops endpoint up", ""),
         ("joining the group", '"kafka_ready"'),
-        ("changelog restored", '"changelog_restored"'),
+        ("changelog restored", '"state_restored"'),
     ]
     for label, marker in points:
         start_at = b1.log_path.stat().st_size
