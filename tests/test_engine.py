@@ -8,71 +8,24 @@ can show stays in the end-to-end suites.
 from __future__ import annotations
 
 import asyncio
-import json
-import random
 import threading
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from service import metrics
-from service.config import Settings
 from service.docutray import ConversionStatus, ServerError, Submission
-from service.intake import Accepted, original_record, parse_record
-from service.kafkaio import Effect, _committed
-from service.messages import PendingRecord
-from service.pending import DocumentAt, Entry, new_entry
-from service.pipeline import Engine
-from service.ratelimit.limiter import build_limiter
-from service.scheduler import DurationModel, PollPolicy
+from service.pending import Entry
+from tests.fixtures.engine import (
+    FakeDocuments,
+    FakeKafka,
+    engine_settings,
+    make_engine,
+    stored_entry,
+)
 
 Call = Callable[[], Awaitable[Any]]
-
-
-class FakeKafka:
-    """The Kafka edge (service.kafkaio.KafkaEdge): effects commit at once, in order."""
-
-    def __init__(self) -> None:
-        self.effects: list[Effect] = []
-        self.paused: set[str] = set()
-
-    def submit(self, effect: Effect) -> None:
-        self.effects.append(effect)
-        asyncio.get_running_loop().call_soon(_committed, effect)
-
-    def pause(self, reason: str) -> None:
-        self.paused.add(reason)
-
-    def resume(self, reason: str) -> None:
-        self.paused.discard(reason)
-
-    def states(self, request_id: str) -> list[str]:
-        """The changelog states written for `request_id`, in order (None: tombstone)."""
-        out = []
-        for eff in self.effects:
-            for rec in eff.records:
-                if rec.key == request_id.encode() and rec.topic.endswith(".pending-changelog"):
-                    value = rec.value
-                    out.append(PendingRecord.model_validate_json(value).state if value else None)
-        return out
-
-    def dead_letters(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(rec.value)
-            for eff in self.effects
-            for rec in eff.records
-            if rec.topic == "dead" and rec.value
-        ]
-
-    def results(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(rec.value)
-            for eff in self.effects
-            for rec in eff.records
-            if rec.topic == "results" and rec.value
-        ]
 
 
 class FakeDocuTray:
@@ -100,89 +53,20 @@ class FakeDocuTray:
         return None
 
 
-class FakeDocuments:
-    """The documents topic: original records by offset."""
-
-    def __init__(self) -> None:
-        self.values: dict[int, bytes] = {}
-
-    async def read(self, partition: int, offset: int) -> bytes:
-        return self.values[offset]
-
-
-def _settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "DOCUTRAY_API_KEY": "k",
-        "BRIDGE_GROUP_ID": "g",
-        "BRIDGE_INPUT_TOPIC": "in",
-        "BRIDGE_RESULT_TOPIC": "results",
-        "BRIDGE_DEAD_LETTER_TOPIC": "dead",
-        "BRIDGE_SUBMIT_RATE_PER_MINUTE": "60000",
-        "BRIDGE_STATUS_RATE_PER_MINUTE": "60000",
-        "BRIDGE_RATE_BURST": "100",
-        "BRIDGE_POLL_DEFAULT_MEDIAN_S": "0.01",
-        "BRIDGE_POLL_MIN_INTERVAL_S": "0.01",
-        "BRIDGE_RETRY_BASE_S": "0.01",
-        "BRIDGE_RETRY_CAP_S": "0.02",
-    }
-    base.update(overrides)
-    return Settings(**base)
-
-
 class Harness:
-    def __init__(self, **overrides: Any) -> None:
-        self.settings = _settings(**overrides)
+    def __init__(self, **overrides: str) -> None:
+        self.settings = engine_settings(
+            BRIDGE_POLL_DEFAULT_MEDIAN_S="0.01", BRIDGE_POLL_MIN_INTERVAL_S="0.01", **overrides
+        )
         self.kafka = FakeKafka()
         self.client = FakeDocuTray()
         self.documents = FakeDocuments()
-        self.engine = Engine(
-            settings=self.settings,
-            client=self.client,  # type: ignore[arg-type]
-            limiter=build_limiter(
-                redis_url=None,
-                submit_rate_per_minute=self.settings.submit_rate_per_minute,
-                status_rate_per_minute=self.settings.status_rate_per_minute,
-                shared_budget=False,
-                burst=self.settings.rate_burst,
-                expected_replicas=1,
-                key_prefix="t:",
-            ),
-            policy=PollPolicy(
-                model=DurationModel(default_median_s=0.01),
-                first_poll_quantile=0.5,
-                min_interval_s=0.01,
-                max_interval_s=0.05,
-            ),
-            kafka=self.kafka,
-            documents=self.documents,  # type: ignore[arg-type]
-            rng=random.Random(1),
+        self.engine = make_engine(
+            self.settings, client=self.client, kafka=self.kafka, documents=self.documents
         )
 
     def entry(self, rid: str, offset: int = 0) -> Entry:
-        value = json.dumps(
-            {
-                "request_id": rid,
-                "document_type_code": "invoice",
-                "source": {"url": "https://example.com/a.pdf"},
-            }
-        ).encode()
-        verdict = parse_record(value, max_request_bytes=1 << 20, max_document_bytes=1 << 20)
-        assert isinstance(verdict, Accepted)
-        original = original_record(
-            topic="in",
-            partition=0,
-            offset=offset,
-            timestamp_ms=None,
-            key=None,
-            value=value,
-            headers=[("trace", b"t1")],
-        )
-        self.documents.values[offset] = original.model_dump_json().encode()
-        entry = new_entry(
-            partition=0, epoch=1, original=original, accepted=verdict, received_at=datetime.now(UTC)
-        )
-        entry.document = DocumentAt(0, offset, 100)
-        return entry
+        return stored_entry(self.documents, rid, offset, headers=[("trace", b"t1")])
 
     async def run_until(self, done: Callable[[], bool], timeout_s: float = 5.0) -> None:
         task = asyncio.get_running_loop().create_task(self.engine.run())
@@ -199,8 +83,8 @@ class Harness:
 async def test_a_request_is_submitted_polled_and_published_once() -> None:
     h = Harness()
     h.engine.adopt(0, 1, [h.entry("r1")])
-    await h.run_until(lambda: bool(h.kafka.results()))
-    assert [r["request_id"] for r in h.kafka.results()] == ["r1"]
+    await h.run_until(lambda: bool(h.kafka.values("results")))
+    assert [r["request_id"] for r in h.kafka.values("results")] == ["r1"]
     assert h.kafka.states("r1") == ["submitting", "submitted", None]
     assert h.client.submits == 1
     out = next(e for e in h.kafka.effects if e.result)
@@ -217,8 +101,8 @@ async def test_an_unexpected_exception_in_the_client_is_retried_then_dead_letter
     h.client.submit = broken  # type: ignore[method-assign]
     before = metrics.UNEXPECTED_ERRORS.labels("submit")._value.get()
     h.engine.adopt(0, 1, [h.entry("r1")])
-    await h.run_until(lambda: bool(h.kafka.dead_letters()))
-    letter = h.kafka.dead_letters()[0]
+    await h.run_until(lambda: bool(h.kafka.values("dead")))
+    letter = h.kafka.values("dead")[0]
     assert letter["reason"] == "retries_exhausted"
     assert "RuntimeError" in letter["message"]
     assert h.client.submits >= 2
@@ -239,7 +123,7 @@ async def test_an_unexpected_exception_in_a_status_call_is_retried() -> None:
 
     h.client.get_status = flaky  # type: ignore[method-assign]
     h.engine.adopt(0, 1, [h.entry("r1")])
-    await h.run_until(lambda: bool(h.kafka.results()))
+    await h.run_until(lambda: bool(h.kafka.values("results")))
     assert calls == 3
     assert h.client.submits == 1
 
@@ -308,9 +192,9 @@ async def test_a_transient_error_is_retried_with_backoff(answer: Exception) -> N
 
     h.client.submit = once_failing  # type: ignore[method-assign]
     h.engine.adopt(0, 1, [h.entry("r1")])
-    await h.run_until(lambda: bool(h.kafka.results()))
+    await h.run_until(lambda: bool(h.kafka.values("results")))
     assert h.kafka.states("r1")[:3] == ["submitting", "queued", "submitting"]
-    assert not h.kafka.dead_letters()
+    assert not h.kafka.values("dead")
 
 
 async def test_an_in_doubt_submit_that_never_made_its_call_stays_in_doubt() -> None:

@@ -6,37 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
-from service.config import Settings
 from service.docutray import ConversionStatus, QuotaExhausted, Submission
-from service.intake import Accepted, original_record, parse_record
-from service.kafkaio import Effect, _committed
-from service.pending import DocumentAt, Entry, new_entry
+from service.pending import Entry
 from service.pipeline import Engine
-from service.ratelimit import build_limiter
-from service.scheduler import DurationModel, PollPolicy
-
-
-class FakeKafka:
-    def __init__(self) -> None:
-        self.effects: list[Effect] = []
-
-    def submit(self, effect: Effect) -> None:
-        self.effects.append(effect)
-        asyncio.get_running_loop().call_soon(_committed, effect)
-
-    def pause(self, reason: str) -> None:
-        pass
-
-    def resume(self, reason: str) -> None:
-        pass
-
-    def topics(self) -> list[str]:
-        return [rec.topic for eff in self.effects for rec in eff.records if rec.value]
+from tests.fixtures.engine import (
+    FakeDocuments,
+    FakeKafka,
+    engine_settings,
+    make_engine,
+    stored_entry,
+)
 
 
 class FakeDocuTray:
@@ -60,77 +42,21 @@ class FakeDocuTray:
         return ConversionStatus(conversion_id=conversion_id, status=status, data={"x": 1})
 
 
-class FakeDocuments:
-    def __init__(self) -> None:
-        self.values: dict[int, bytes] = {}
-
-    async def read(self, partition: int, offset: int) -> bytes:
-        return self.values[offset]
-
-
 def make(**overrides: str) -> tuple[Engine, FakeKafka, FakeDocuTray, FakeDocuments]:
-    settings = Settings(
-        **{
-            "DOCUTRAY_API_KEY": "k",
-            "BRIDGE_GROUP_ID": "g",
-            "BRIDGE_INPUT_TOPIC": "in",
-            "BRIDGE_RESULT_TOPIC": "results",
-            "BRIDGE_DEAD_LETTER_TOPIC": "dead",
-            "BRIDGE_SUBMIT_RATE_PER_MINUTE": "60000",
-            "BRIDGE_STATUS_RATE_PER_MINUTE": "60000",
-            "BRIDGE_RATE_BURST": "100",
-            "BRIDGE_RETRY_BASE_S": "0.01",
-            "BRIDGE_RETRY_CAP_S": "0.02",
-            **overrides,
-        }
-    )
     kafka, client, documents = FakeKafka(), FakeDocuTray(), FakeDocuments()
-    engine = Engine(
-        settings=settings,
-        client=client,  # type: ignore[arg-type]
-        limiter=build_limiter(
-            redis_url=None,
-            submit_rate_per_minute=60000,
-            status_rate_per_minute=60000,
-            shared_budget=False,
-            burst=100,
-            expected_replicas=1,
-            key_prefix="t:",
-        ),
-        # Status calls 60 s apart unless woken (the webhook fallback's shape).
-        policy=PollPolicy(
-            model=DurationModel(default_median_s=60.0),
-            first_poll_quantile=0.5,
-            min_interval_s=60.0,
-            max_interval_s=60.0,
-        ),
+    # Status calls 60 s apart unless woken (the webhook fallback's shape).
+    engine = make_engine(
+        engine_settings(**overrides),
+        client=client,
         kafka=kafka,
-        documents=documents,  # type: ignore[arg-type]
-        rng=random.Random(1),
+        documents=documents,
+        poll_interval_s=60.0,
     )
     return engine, kafka, client, documents
 
 
 def entry(documents: FakeDocuments, rid: str, offset: int) -> Entry:
-    value = json.dumps(
-        {
-            "request_id": rid,
-            "document_type_code": "invoice",
-            "source": {"url": "https://example.com/a.pdf"},
-            "metadata": {"own": 1},
-        }
-    ).encode()
-    verdict = parse_record(value, max_request_bytes=1 << 20, max_document_bytes=1 << 20)
-    assert isinstance(verdict, Accepted)
-    original = original_record(
-        topic="in", partition=0, offset=offset, timestamp_ms=None, key=None, value=value, headers=[]
-    )
-    documents.values[offset] = original.model_dump_json().encode()
-    out = new_entry(
-        partition=0, epoch=1, original=original, accepted=verdict, received_at=datetime.now(UTC)
-    )
-    out.document = DocumentAt(0, offset, 100)
-    return out
+    return stored_entry(documents, rid, offset, metadata={"own": 1})
 
 
 async def run_until(engine: Engine, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
