@@ -71,7 +71,9 @@ async def run_until(engine: Engine, done: Callable[[], bool], timeout_s: float =
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: a task that does not end on cancel must fail the test, not hang it.
+        _, pending = await asyncio.wait(tasks, timeout=5)
+        assert not pending, f"engine tasks did not stop when cancelled: {pending}"
 
 
 async def test_a_402_pauses_submissions_and_polls_go_on() -> None:
