@@ -272,7 +272,10 @@ class Engine(EngineHooks):
             nexts = [t for t in (self._submit_due.next_due_at(), self._poll_due.next_due_at()) if t]
             timeout = min([1.0, *[max(0.0, t - time.monotonic()) for t in nexts]])
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.002))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancel
+                # that lands as the wake-up fires, and the engine would then never stop.
+                async with asyncio.timeout(max(timeout, 0.002)):
+                    await self._wake.wait()
 
     def _spawn(self, pool: set[asyncio.Task[None]], key: Key, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
