@@ -29,7 +29,7 @@ class FakeClient:
 
     async def get_usage(self, **_: Any) -> Usage:
         self.calls += 1
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # wait-ok: the fake answers with some latency (not a wait)
         return Usage(
             year=2026,
             month=12,
