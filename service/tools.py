@@ -144,7 +144,10 @@ class _ClientErrors:
         self.last: str | None = None
 
     def __call__(self, err: KafkaError) -> None:
-        self.last = err.str()
+        # "all brokers are down" follows the real cause (a refused certificate, a bad
+        # password): keep the cause.
+        if self.last is None or err.code() != KafkaError._ALL_BROKERS_DOWN:
+            self.last = err.str()
 
     def why(self) -> str:
         """The last client error, as a clause to append to a message."""
