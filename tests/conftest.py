@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures.stack",
     "tests.fixtures.emulator",
     "tests.fixtures.bridge",
+    "tests.fixtures.redis_clients",
 ]
 
 #: Run last: they need helm, promtool and prometheus, and the container image, which `make test`

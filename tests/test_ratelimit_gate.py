@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -28,21 +27,6 @@ from service.ratelimit.redis_backend import GATE_KEY, RedisBackend, lane_key
 from tests.fixtures.stack import new_id
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def private_redis(redis_url: str) -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.kill()
 
 
 def make_limiter(redis_url: str, prefix: str, **kwargs: Any) -> Limiter:

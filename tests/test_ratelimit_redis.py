@@ -9,7 +9,7 @@ import math
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +30,6 @@ from service.ratelimit.redis_backend import RedisBackend, lane_key
 from tests.fixtures.stack import new_id, wait_for
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def private_redis(redis_url: str) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, free to be flushed, killed and restarted."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.kill()
 
 
 def assert_state_matches(stored: Mapping[Any, Any], state: LaneState) -> None:
