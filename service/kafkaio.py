@@ -1118,7 +1118,7 @@ class KafkaIO:
             return
         for p in parts:
             self._epochs[p] = self._epochs.get(p, 0) + 1
-            self._held_bytes -= sum(cost for _, cost in self._pending.get(p, {}).values())
+            self._forget_pending(p)
             self._pending[p] = {}
         consumer = self._consumer_()
         tps = [TopicPartition(self._s.input_topic, p) for p in parts]
@@ -1274,10 +1274,14 @@ class KafkaIO:
         )
         metrics.REMEMBERED.set(sum(len(w) for w in self._windows.values()))
 
+    def _forget_pending(self, p: int) -> None:
+        """Drop partition `p`'s pending ids and the bytes they were counted for."""
+        self._held_bytes -= sum(cost for _, cost in self._pending.pop(p, {}).values())
+
     def _release(self, parts: list[int]) -> None:
         for p in parts:
             self._epochs[p] = self._epochs.get(p, 0) + 1
-            self._held_bytes -= sum(cost for _, cost in self._pending.pop(p, {}).values())
+            self._forget_pending(p)
             self._windows.pop(p, None)
             self._restoring.pop(p, None)
             self._base_offsets.pop(p, None)
