@@ -37,7 +37,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
-from service.topics import dedupe_topic, documents_topic, topic_specs
+from service.kafka.topics import dedupe_topic, documents_topic, topic_specs
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -432,7 +432,7 @@ class Run:
         **overrides: str,
     ) -> None:
         """Create the input, result and dead-letter topics with the configs the bridge gives them
-        (``service.topics.topic_specs``; `overrides` are the bridge's env settings that change
+        (``service.kafka.topics.topic_specs``; `overrides` are the bridge's env settings that change
         them, e.g. ``BRIDGE_MAX_REQUEST_BYTES``). `configs` (by role) replaces a topic's configs,
         e.g. a results topic at Kafka's default limit. The bridge creates the others."""
         admin = AdminClient({"bootstrap.servers": self.bootstrap})

@@ -40,13 +40,7 @@ from service.config import (
 from service.documents import DocumentReader
 from service.docutray import DocuTrayClient
 from service.health import Probe, create_ops_app, liveness, readiness
-from service.kafkaio import Channel, KafkaErrorLog, KafkaIO, KafkaSettings
-from service.logging import register_secrets
-from service.pipeline import Engine
-from service.ratelimit import build_limiter
-from service.redis_url import parse_redis_url
-from service.scheduler import DurationModel, PollPolicy
-from service.topics import (
+from service.kafka.topics import (
     completions_topic,
     dedupe_topic,
     documents_topic,
@@ -54,6 +48,12 @@ from service.topics import (
     producer_max_message_bytes,
     record_limits,
 )
+from service.kafkaio import Channel, KafkaErrorLog, KafkaIO, KafkaSettings
+from service.logging import register_secrets
+from service.pipeline import Engine
+from service.ratelimit import build_limiter
+from service.redis_url import parse_redis_url
+from service.scheduler import DurationModel, PollPolicy
 from service.usage import UsageWatcher
 from service.webhooks import (
     CompletionProducer,

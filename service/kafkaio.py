@@ -68,6 +68,7 @@ from service.intake import (
     original_record,
     parse_record,
 )
+from service.kafka.restore import StateReader
 from service.messages import (
     DeadLetter,
     DeadLetterReason,
@@ -76,7 +77,6 @@ from service.messages import (
 )
 from service.outcomes import DEFAULT_DEAD_LETTER_BYTES, build_dead_letter, dead_letter_record
 from service.pending import DocumentAt, Entry, Unreadable, entries_from_values, new_entry
-from service.restore import StateReader
 
 log = structlog.get_logger(__name__)
 
@@ -1110,7 +1110,7 @@ class KafkaIO:
     def _acquire(self, parts: list[int], *, seek: bool) -> None:
         """Take over `parts`: committed offsets first, then the state up to a stable end.
 
-        The order is the guarantee (see service.restore): the committed input offsets are
+        The order is the guarantee (see service.kafka.restore): the committed input offsets are
         read before the state topics' high watermarks, and the state is read only once no
         transaction below those watermarks is still open.
         """

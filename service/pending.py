@@ -18,7 +18,7 @@ is read back from the document when the result is built.
 
 :func:`entries_from_values` rebuilds the pending entries of a newly assigned
 partition from the last changelog value of each request id, which
-:mod:`service.restore` reads (never past an open transaction).
+:mod:`service.kafka.restore` reads (never past an open transaction).
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ class Unreadable:
 def entries_from_values(
     values: dict[str, bytes], *, partition: int, epoch: int
 ) -> tuple[list[Entry], list[Unreadable]]:
-    """The entries of a partition's last changelog values (read by service.restore).
+    """The entries of a partition's last changelog values (read by service.kafka.restore).
 
     Records that cannot be turned into an entry come back as :class:`Unreadable`
     (they are dead-lettered, never dropped). Each value is freed once its entry exists.

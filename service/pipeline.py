@@ -54,6 +54,7 @@ from service.docutray import (
 )
 from service.fetch import FetchError, fetch_document
 from service.intake import Accepted, original_record
+from service.kafka.topics import documents_topic, record_bytes
 from service.kafkaio import (
     Effect,
     EngineHooks,
@@ -76,7 +77,6 @@ from service.outcomes import (
 from service.pending import Entry, Limits, Unreadable, parse_original
 from service.ratelimit import Budget, LimiterTimeout, RateLimiter
 from service.scheduler import DueQueue, PollPolicy, retry_delay_s
-from service.topics import documents_topic, record_bytes
 from service.webhooks import routed_metadata
 
 log = structlog.get_logger(__name__)

@@ -24,7 +24,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from service.config import Settings
-from service.topics import (
+from service.kafka.topics import (
     DEAD_LETTER_MAX_BYTES,
     DEDUPE_RETENTION_MARGIN_MS,
     KAFKA_DEFAULT_MAX_MESSAGE_BYTES,

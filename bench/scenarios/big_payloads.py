@@ -29,7 +29,7 @@
 
 Every scenario uses its own topics (deleted at the end) and a broker with
 Kafka's default limits (``scripts/stack``); topics are created with the
-configs the bridge gives them (``service.topics.topic_specs``).
+configs the bridge gives them (``service.kafka.topics.topic_specs``).
 """
 
 from __future__ import annotations
