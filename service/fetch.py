@@ -26,10 +26,18 @@ the download must not become a way into the cluster's private network
    redirects, body).
 5. Proxies from the environment are never used (they would defeat the pin).
 
-Failures raise ``FetchError`` with ``reason`` in {source_unavailable,
-too_large, forbidden_address, invalid_url} and ``transient`` set when a
-later attempt may succeed (timeouts, connection errors, 408/429/5xx from
-the source): the pipeline retries those and dead-letters the rest.
+Failures raise a ``FetchError`` subclass; its ``reason`` (source_unavailable,
+too_large, forbidden_address, invalid_url) is the dead letter's reason code::
+
+    FetchError
+    ├── TransientFetchError   a later attempt may succeed (timeout, connection error,
+    │                         DNS try-again, 408/425/429/5xx from the source)
+    ├── SourceUnavailable     the source failed for good (another 4xx, empty body, ...)
+    ├── DocumentTooLarge      above ``max_bytes``
+    ├── ForbiddenAddress      refused by the SSRF policy (rule 2)
+    └── InvalidURL            not an http(s) URL with a host (rule 1)
+
+The pipeline retries ``TransientFetchError`` and dead-letters the rest.
 """
 
 from __future__ import annotations
@@ -41,25 +49,32 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal, Self
+from typing import IO, ClassVar, Literal, Self
 from urllib.parse import unquote
 
 import httpx
 import structlog
 
 from service import __version__
+from service.errors import BridgeError
 from service.intake import sniff_content_type
 
 __all__ = [
     "AddressPolicy",
+    "DocumentTooLarge",
     "FetchError",
     "FetchReason",
     "FetchedDocument",
+    "ForbiddenAddress",
     "IPAddress",
+    "InvalidURL",
     "Resolver",
+    "SourceUnavailable",
+    "TransientFetchError",
     "fetch_document",
     "filename_for",
     "is_forbidden_address",
@@ -97,21 +112,40 @@ _CD_PARAM_RE = re.compile(
 )
 
 
-class FetchError(Exception):
-    """The document could not be fetched; ``reason`` says why, ``transient`` if retry may help."""
+class FetchError(BridgeError):
+    """The document could not be fetched; ``reason`` names the failure for a dead letter."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        reason: FetchReason,
-        status_code: int | None = None,
-        transient: bool = False,
-    ) -> None:
+    reason: ClassVar[FetchReason] = "source_unavailable"
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)
-        self.reason: FetchReason = reason
         self.status_code = status_code
-        self.transient = transient
+
+
+class TransientFetchError(FetchError):
+    """A later attempt may succeed: timeout, connection error, DNS try-again, 408/425/429/5xx."""
+
+
+class SourceUnavailable(FetchError):
+    """The source failed for good: another 4xx, an empty body, no address, a redirect loop."""
+
+
+class DocumentTooLarge(FetchError):
+    """The document is larger than ``max_bytes`` (declared or counted while streaming)."""
+
+    reason: ClassVar[FetchReason] = "too_large"
+
+
+class ForbiddenAddress(FetchError):
+    """The host resolves to an address the SSRF policy refuses to contact."""
+
+    reason: ClassVar[FetchReason] = "forbidden_address"
+
+
+class InvalidURL(FetchError):
+    """Not an ``http``/``https`` URL with a host."""
+
+    reason: ClassVar[FetchReason] = "invalid_url"
 
 
 # --------------------------------------------------------------------------- pure policy
@@ -185,11 +219,11 @@ def _validate_url(url: str) -> httpx.URL:
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
-        raise FetchError(f"invalid URL ({exc})", reason="invalid_url") from None
+        raise InvalidURL(f"invalid URL ({exc})") from None
     if parsed.scheme not in ("http", "https"):
-        raise FetchError(f"unsupported URL scheme {parsed.scheme!r}", reason="invalid_url")
+        raise InvalidURL(f"unsupported URL scheme {parsed.scheme!r}")
     if not parsed.raw_host:
-        raise FetchError("URL has no host", reason="invalid_url")
+        raise InvalidURL("URL has no host")
     return parsed
 
 
@@ -298,64 +332,77 @@ async def fetch_document(
     """
     if max_bytes <= 0 or timeout_s <= 0 or max_redirects < 0:
         raise ValueError("max_bytes and timeout_s must be > 0, max_redirects >= 0")
-    current = _validate_url(url)
-    resolve = resolver or resolve_host
-    forbidden = is_forbidden or is_forbidden_address
+    first = _validate_url(url)
     own_client = client is None
     http = client or httpx.AsyncClient(
         timeout=httpx.Timeout(timeout_s), follow_redirects=False, trust_env=False
     )
-    headers = {
-        "User-Agent": user_agent or f"docutray-bridge/{__version__}",
-        "Accept-Encoding": "identity",
-        "Connection": "close",
-    }
+    hops = _Hops(
+        http=http,
+        headers={
+            "User-Agent": user_agent or f"docutray-bridge/{__version__}",
+            "Accept-Encoding": "identity",
+            "Connection": "close",
+        },
+        resolve=resolver or resolve_host,
+        forbidden=None if allow_private else (is_forbidden or is_forbidden_address),
+    )
     try:
-        async with asyncio.timeout(timeout_s):
-            for _hop in range(max_redirects + 1):
-                response = await _open(
-                    http,
-                    current,
-                    headers,
-                    resolve=resolve,
-                    forbidden=None if allow_private else forbidden,
+        with _transport_failures_are_transient(timeout_s=timeout_s):
+            async with asyncio.timeout(timeout_s):
+                return await hops.follow(
+                    first, max_redirects=max_redirects, max_bytes=max_bytes, temp_dir=temp_dir
                 )
-                try:
-                    if response.status_code in _REDIRECT_STATUSES:
-                        location = response.headers.get("location")
-                        if not location:
-                            raise FetchError(
-                                f"redirect {response.status_code} without Location",
-                                reason="source_unavailable",
-                                status_code=response.status_code,
-                            )
-                        current = _validate_url(str(current.join(location)))
-                        continue
-                    return await _save(response, current, max_bytes=max_bytes, temp_dir=temp_dir)
-                finally:
-                    await response.aclose()
-            raise FetchError(f"more than {max_redirects} redirects", reason="source_unavailable")
-    except TimeoutError:
-        raise FetchError(
-            f"download did not finish within {timeout_s} s",
-            reason="source_unavailable",
-            transient=True,
-        ) from None
-    except httpx.TimeoutException as exc:
-        raise FetchError(
-            f"download timed out ({type(exc).__name__})",
-            reason="source_unavailable",
-            transient=True,
-        ) from None
-    except httpx.TransportError as exc:
-        raise FetchError(
-            f"source unreachable ({type(exc).__name__})",
-            reason="source_unavailable",
-            transient=True,
-        ) from None
     finally:
         if own_client:
             await http.aclose()
+
+
+@contextlib.contextmanager
+def _transport_failures_are_transient(*, timeout_s: float) -> Iterator[None]:
+    """Map the deadline and httpx's network errors to `TransientFetchError`."""
+    try:
+        yield
+    except TimeoutError:
+        raise TransientFetchError(f"download did not finish within {timeout_s} s") from None
+    except httpx.TimeoutException as exc:
+        raise TransientFetchError(f"download timed out ({type(exc).__name__})") from None
+    except httpx.TransportError as exc:
+        raise TransientFetchError(f"source unreachable ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class _Hops:
+    """What every hop of one fetch shares: the client, headers, resolver and address policy."""
+
+    http: httpx.AsyncClient
+    headers: dict[str, str]
+    resolve: Resolver
+    forbidden: AddressPolicy | None
+
+    async def follow(
+        self, url: httpx.URL, *, max_redirects: int, max_bytes: int, temp_dir: str | None
+    ) -> FetchedDocument:
+        """GET ``url``, following up to ``max_redirects`` redirects by hand, and save the body."""
+        current = url
+        for _hop in range(max_redirects + 1):
+            response = await _open(
+                self.http, current, self.headers, resolve=self.resolve, forbidden=self.forbidden
+            )
+            try:
+                if response.status_code in _REDIRECT_STATUSES:
+                    location = response.headers.get("location")
+                    if not location:
+                        raise SourceUnavailable(
+                            f"redirect {response.status_code} without Location",
+                            status_code=response.status_code,
+                        )
+                    current = _validate_url(str(current.join(location)))
+                    continue
+                return await _save(response, current, max_bytes=max_bytes, temp_dir=temp_dir)
+            finally:
+                await response.aclose()
+        raise SourceUnavailable(f"more than {max_redirects} redirects")
 
 
 async def _open(
@@ -376,21 +423,16 @@ async def _open(
         try:
             addresses = await resolve(host, port)
         except OSError as exc:
-            raise FetchError(
-                f"cannot resolve host ({exc.strerror or type(exc).__name__})",
-                reason="source_unavailable",
-                transient=isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN,
-            ) from None
+            try_again = isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN
+            error = TransientFetchError if try_again else SourceUnavailable
+            raise error(f"cannot resolve host ({exc.strerror or type(exc).__name__})") from None
         if not addresses:
-            raise FetchError("host has no address", reason="source_unavailable")
+            raise SourceUnavailable("host has no address")
     if forbidden is not None:
         refused = [ip for ip in addresses if forbidden(ip)]
         if refused:
             log.warning("fetch_forbidden_address", host=host, address=str(refused[0]))
-            raise FetchError(
-                f"host resolves to a forbidden address ({refused[0]})",
-                reason="forbidden_address",
-            )
+            raise ForbiddenAddress(f"host resolves to a forbidden address ({refused[0]})")
     extensions: dict[str, object] = {}
     if url.scheme == "https" and literal is None:
         extensions["sni_hostname"] = host
@@ -413,22 +455,17 @@ async def _save(
     """Check the answer and stream its body to a temp file, stopping at ``max_bytes``."""
     status = response.status_code
     if not 200 <= status <= 299:
-        raise FetchError(
-            f"source answered HTTP {status}",
-            reason="source_unavailable",
-            status_code=status,
-            transient=status in _TRANSIENT_STATUSES or status >= 500,
-        )
+        transient = status in _TRANSIENT_STATUSES or status >= 500
+        error = TransientFetchError if transient else SourceUnavailable
+        raise error(f"source answered HTTP {status}", status_code=status)
     declared_length = response.headers.get("content-length")
     if (
         declared_length is not None
         and declared_length.isdigit()
         and int(declared_length) > max_bytes
     ):
-        raise FetchError(
-            f"document is {declared_length} bytes, above {max_bytes}",
-            reason="too_large",
-            status_code=status,
+        raise DocumentTooLarge(
+            f"document is {declared_length} bytes, above {max_bytes}", status_code=status
         )
     handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - owned by FetchedDocument
         mode="w+b", dir=temp_dir, prefix="docutray-fetch-", delete=False
@@ -440,18 +477,14 @@ async def _save(
         async for chunk in response.aiter_bytes(_CHUNK_BYTES):
             size += len(chunk)
             if size > max_bytes:
-                raise FetchError(
-                    f"document is larger than {max_bytes} bytes",
-                    reason="too_large",
-                    status_code=status,
+                raise DocumentTooLarge(
+                    f"document is larger than {max_bytes} bytes", status_code=status
                 )
             if len(head) < 16:
                 head += chunk[: 16 - len(head)]
             await asyncio.to_thread(handle.write, chunk)
         if size == 0:
-            raise FetchError(
-                "source sent an empty body", reason="source_unavailable", status_code=status
-            )
+            raise SourceUnavailable("source sent an empty body", status_code=status)
         await asyncio.to_thread(handle.flush)
     except BaseException:
         handle.close()

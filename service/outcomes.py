@@ -26,7 +26,7 @@ from service.docutray import (
     SystemicError,
     TransientError,
 )
-from service.fetch import FetchError
+from service.fetch import FetchError, ForbiddenAddress, InvalidURL, TransientFetchError
 from service.messages import (
     ConversionResult,
     ConversionTimings,
@@ -80,16 +80,16 @@ def classify_submit_error(exc: DocuTrayError | FetchError, *, url_timeouts: int)
     download timeout as transient), the third dead-letters as
     ``source_unavailable``.
     """
+    if isinstance(exc, TransientFetchError):
+        # Timeout, connection error, 408/429/5xx from the document's host.
+        if url_timeouts < 2:
+            return Verdict("retry")
+        return Verdict("dead_letter", DeadLetterReason.SOURCE_UNAVAILABLE)
+    if isinstance(exc, ForbiddenAddress):
+        return Verdict("dead_letter", DeadLetterReason.FORBIDDEN_SOURCE)
+    if isinstance(exc, InvalidURL):
+        return Verdict("dead_letter", DeadLetterReason.INVALID_REQUEST)
     if isinstance(exc, FetchError):
-        if exc.transient:
-            # Timeout, connection error, 408/429/5xx from the document's host.
-            if url_timeouts < 2:
-                return Verdict("retry")
-            return Verdict("dead_letter", DeadLetterReason.SOURCE_UNAVAILABLE)
-        if exc.reason == "forbidden_address":
-            return Verdict("dead_letter", DeadLetterReason.FORBIDDEN_SOURCE)
-        if exc.reason == "invalid_url":
-            return Verdict("dead_letter", DeadLetterReason.INVALID_REQUEST)
         return Verdict("dead_letter", _reason(exc.reason))
     if isinstance(exc, RequestRejected):
         if exc.status_code == 408 and url_timeouts < 2:

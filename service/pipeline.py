@@ -52,7 +52,7 @@ from service.docutray import (
     RateLimited,
     Submission,
 )
-from service.fetch import FetchError, fetch_document
+from service.fetch import FetchError, TransientFetchError, fetch_document
 from service.intake import Accepted, original_record
 from service.kafka.topics import documents_topic, record_bytes
 from service.kafkaio import (
@@ -366,12 +366,18 @@ class Engine(EngineHooks):
     async def _finish(
         self, entry: Entry, record: OutRecord, *, dead_letter: str | None = None
     ) -> None:
-        """Publish a result or dead letter and tombstone the pending record, in one transaction."""
+        """Publish a result or dead letter and tombstone the pending record, in one transaction.
+
+        The end-to-end latency is observed when that transaction commits, so an outcome
+        written again after a failed commit (the partition rebuilt from Kafka) counts once.
+        """
         self._entries.pop(entry.key, None)
         self._update_gauges()
-        metrics.END_TO_END.labels("dead_letter" if dead_letter else "result").observe(
-            (utcnow() - entry.received_at).total_seconds()
-        )
+        outcome, received_at = ("dead_letter" if dead_letter else "result"), entry.received_at
+
+        def committed() -> None:
+            metrics.END_TO_END.labels(outcome).observe((utcnow() - received_at).total_seconds())
+
         await self._write(
             Effect(
                 partition=entry.partition,
@@ -380,6 +386,7 @@ class Engine(EngineHooks):
                 finishes=entry.request_id,
                 dead_letter_reason=dead_letter,
                 result=dead_letter is None,
+                on_commit=committed,
             ),
             wait=False,
         )
@@ -738,7 +745,7 @@ class Engine(EngineHooks):
                 error=exc if isinstance(exc, DocuTrayError) else None,
             )
             return
-        if status == 408 or (isinstance(exc, FetchError) and exc.transient):
+        if status == 408 or isinstance(exc, TransientFetchError):
             entry.url_timeouts += 1
         await self._requeue(entry, exc, verdict, budget="submit", attempts_charged=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import ssl
 import subprocess
 import threading
@@ -22,9 +23,15 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from service.errors import BridgeError
 from service.fetch import (
+    DocumentTooLarge,
     FetchError,
+    ForbiddenAddress,
+    InvalidURL,
     IPAddress,
+    SourceUnavailable,
+    TransientFetchError,
     fetch_document,
     filename_for,
     is_forbidden_address,
@@ -331,16 +338,14 @@ async def test_redirects_are_followed_and_each_hop_resolved(public_server: DocSe
     ],
 )
 async def test_private_literals_are_refused(url: str) -> None:
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(ForbiddenAddress) as caught:
         await fetch(url)
     assert caught.value.reason == "forbidden_address"
-    assert not caught.value.transient
 
 
 async def test_loopback_is_refused_without_connecting(server: DocServer) -> None:
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(ForbiddenAddress):
         await fetch(f"{server.url}/doc.pdf")
-    assert caught.value.reason == "forbidden_address"
     assert server.hits == []
 
 
@@ -349,9 +354,8 @@ async def test_a_name_resolving_to_any_private_address_is_refused() -> None:
         {"mixed.test": ["127.0.0.2", "10.9.8.7"], "internal.test": ["192.168.0.10"]}
     )
     for host in ("mixed.test", "internal.test"):
-        with pytest.raises(FetchError) as caught:
+        with pytest.raises(ForbiddenAddress):
             await fetch(f"http://{host}/doc.pdf", resolver=resolve, is_forbidden=fake_public_policy)
-        assert caught.value.reason == "forbidden_address"
 
 
 async def test_public_then_redirect_to_private_is_refused(
@@ -359,13 +363,12 @@ async def test_public_then_redirect_to_private_is_refused(
 ) -> None:
     resolve = resolver_for({"public.test": ["127.0.0.2"], "sneaky.test": ["127.0.0.1"]})
     for target in (f"{server.url}/doc.pdf", f"http://sneaky.test:{server.port}/doc.pdf"):
-        with pytest.raises(FetchError) as caught:
+        with pytest.raises(ForbiddenAddress):
             await fetch(
                 f"http://public.test:{public_server.port}/redirect?to={target}",
                 resolver=resolve,
                 is_forbidden=fake_public_policy,
             )
-        assert caught.value.reason == "forbidden_address"
     assert public_server.hits == ["/redirect", "/redirect"]
     assert server.hits == []
 
@@ -374,15 +377,44 @@ async def test_public_then_redirect_to_private_is_refused(
     "url", ["ftp://example.com/a.pdf", "file:///etc/passwd", "not a url", "http://", "//x/y"]
 )
 async def test_invalid_urls(url: str) -> None:
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(InvalidURL) as caught:
         await fetch(url, allow_private=True)
     assert caught.value.reason == "invalid_url"
 
 
 async def test_unresolvable_host() -> None:
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(SourceUnavailable) as caught:
         await fetch("http://nowhere.test/a.pdf", resolver=resolver_for({}))
     assert caught.value.reason == "source_unavailable"
+
+
+async def test_a_resolver_that_says_try_again_is_transient() -> None:
+    async def busy_resolver(host: str, port: int) -> list[IPAddress]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    with pytest.raises(TransientFetchError) as caught:
+        await fetch("http://busy.test/a.pdf", resolver=busy_resolver)
+    assert "Temporary failure" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (TransientFetchError, "source_unavailable"),
+        (SourceUnavailable, "source_unavailable"),
+        (DocumentTooLarge, "too_large"),
+        (ForbiddenAddress, "forbidden_address"),
+        (InvalidURL, "invalid_url"),
+    ],
+)
+def test_each_fetch_error_names_its_reason_and_is_a_bridge_error(
+    error: type[FetchError], reason: str
+) -> None:
+    exc = error("x", status_code=500)
+    assert isinstance(exc, FetchError)
+    assert isinstance(exc, BridgeError)
+    assert exc.reason == reason
+    assert exc.status_code == 500
 
 
 # --------------------------------------------------------------------------- failures
@@ -395,7 +427,7 @@ def _temp_files(directory: Path) -> list[str]:
 async def test_declared_oversize_is_refused_before_reading(
     server: DocServer, tmp_path: Path
 ) -> None:
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(DocumentTooLarge) as caught:
         await fetch(
             f"{server.url}/big-declared",
             allow_private=True,
@@ -407,7 +439,7 @@ async def test_declared_oversize_is_refused_before_reading(
 
 
 async def test_streamed_oversize_stops_at_max_bytes(server: DocServer, tmp_path: Path) -> None:
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(DocumentTooLarge) as caught:
         await fetch(
             f"{server.url}/big-streamed",
             allow_private=True,
@@ -420,50 +452,50 @@ async def test_streamed_oversize_stops_at_max_bytes(server: DocServer, tmp_path:
 
 async def test_total_deadline(server: DocServer, tmp_path: Path) -> None:
     started = time.monotonic()
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(TransientFetchError) as caught:
         await fetch(f"{server.url}/slow", allow_private=True, timeout_s=0.5, temp_dir=str(tmp_path))
     elapsed = time.monotonic() - started
     assert caught.value.reason == "source_unavailable"
-    assert caught.value.transient
     assert 0.4 < elapsed < 3.0
     assert _temp_files(tmp_path) == []
 
 
 @pytest.mark.parametrize(
-    ("path", "status", "transient"),
-    [("/missing", 404, False), ("/unavailable", 503, True), ("/no-location", 302, False)],
+    ("path", "status", "error"),
+    [
+        ("/missing", 404, SourceUnavailable),
+        ("/unavailable", 503, TransientFetchError),
+        ("/no-location", 302, SourceUnavailable),
+    ],
 )
-async def test_http_failures(server: DocServer, path: str, status: int, transient: bool) -> None:
+async def test_http_failures(
+    server: DocServer, path: str, status: int, error: type[FetchError]
+) -> None:
     with pytest.raises(FetchError) as caught:
         await fetch(f"{server.url}{path}", allow_private=True)
+    assert type(caught.value) is error
     assert caught.value.reason == "source_unavailable"
     assert caught.value.status_code == status
-    assert caught.value.transient is transient
 
 
 async def test_empty_body_is_unavailable(server: DocServer) -> None:
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(SourceUnavailable):
         await fetch(f"{server.url}/empty", allow_private=True)
-    assert caught.value.reason == "source_unavailable"
 
 
 async def test_redirect_limit(server: DocServer) -> None:
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(SourceUnavailable):
         await fetch(f"{server.url}/loop", allow_private=True, max_redirects=3)
-    assert caught.value.reason == "source_unavailable"
     assert server.hits == ["/loop"] * 4
 
 
 async def test_connection_refused_is_transient() -> None:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(FetchError) as caught:
+    with pytest.raises(TransientFetchError) as caught:
         await fetch(f"http://127.0.0.1:{port}/doc.pdf", allow_private=True)
     assert caught.value.reason == "source_unavailable"
-    assert caught.value.transient
 
 
 # --------------------------------------------------------------------------- https pinning

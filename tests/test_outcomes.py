@@ -26,7 +26,14 @@ from service.docutray import (
     UnexpectedResponse,
     error_from_response,
 )
-from service.fetch import FetchError
+from service.fetch import (
+    DocumentTooLarge,
+    FetchError,
+    ForbiddenAddress,
+    InvalidURL,
+    SourceUnavailable,
+    TransientFetchError,
+)
 from service.intake import original_record
 from service.messages import DeadLetter, DeadLetterReason, EncodedBytes, OriginalRecord
 from service.outcomes import (
@@ -153,7 +160,7 @@ def test_conversion_lost_on_submit_is_retried() -> None:
 
 
 def test_fetch_timeout_is_retried_twice_then_source_unavailable() -> None:
-    exc = FetchError("download timed out", reason="source_unavailable", transient=True)
+    exc = TransientFetchError("download timed out")
     assert classify_submit_error(exc, url_timeouts=0).action == "retry"
     assert classify_submit_error(exc, url_timeouts=1).action == "retry"
     assert classify_submit_error(exc, url_timeouts=2) == Verdict(
@@ -165,15 +172,15 @@ def test_fetch_timeout_is_retried_twice_then_source_unavailable() -> None:
     ("exc", "reason"),
     [
         (
-            FetchError("source answered HTTP 404", reason="source_unavailable", status_code=404),
+            SourceUnavailable("source answered HTTP 404", status_code=404),
             DeadLetterReason.SOURCE_UNAVAILABLE,
         ),
-        (FetchError("document too big", reason="too_large"), DeadLetterReason.TOO_LARGE),
+        (DocumentTooLarge("document too big"), DeadLetterReason.TOO_LARGE),
         (
-            FetchError("resolves to 10.0.0.1", reason="forbidden_address"),
+            ForbiddenAddress("resolves to 10.0.0.1"),
             DeadLetterReason.FORBIDDEN_SOURCE,
         ),
-        (FetchError("no host", reason="invalid_url"), DeadLetterReason.INVALID_REQUEST),
+        (InvalidURL("no host"), DeadLetterReason.INVALID_REQUEST),
     ],
     ids=["http-404", "too-large", "forbidden", "invalid-url"],
 )
@@ -185,12 +192,7 @@ def test_fetch_errors_that_cannot_heal_are_dead_lettered(
 
 @pytest.mark.parametrize("status", [408, 429, 503])
 def test_transient_fetch_http_errors_are_retried(status: int) -> None:
-    exc = FetchError(
-        f"source answered HTTP {status}",
-        reason="source_unavailable",
-        status_code=status,
-        transient=True,
-    )
+    exc = TransientFetchError(f"source answered HTTP {status}", status_code=status)
     assert classify_submit_error(exc, url_timeouts=0).action == "retry"
     assert classify_submit_error(exc, url_timeouts=2) == Verdict(
         "dead_letter", DeadLetterReason.SOURCE_UNAVAILABLE
@@ -198,7 +200,7 @@ def test_transient_fetch_http_errors_are_retried(status: int) -> None:
 
 
 def test_permanent_fetch_failure_without_http_answer_is_dead_lettered_at_once() -> None:
-    exc = FetchError("cannot resolve host (Name or service not known)", reason="source_unavailable")
+    exc = SourceUnavailable("cannot resolve host (Name or service not known)")
     assert classify_submit_error(exc, url_timeouts=0) == Verdict(
         "dead_letter", DeadLetterReason.SOURCE_UNAVAILABLE
     )
@@ -444,8 +446,8 @@ def test_build_result_without_data_or_timestamp() -> None:
             "ServerError: HTTP 502 DocuTray status HTTP 502",
         ),
         (
-            FetchError("source answered HTTP 404", reason="source_unavailable", status_code=404),
-            "FetchError: HTTP 404 source answered HTTP 404",
+            SourceUnavailable("source answered HTTP 404", status_code=404),
+            "SourceUnavailable: HTTP 404 source answered HTTP 404",
         ),
         (ValueError(), "ValueError"),
         (RuntimeError("boom"), "RuntimeError: boom"),
