@@ -24,9 +24,10 @@ partition from the last changelog value of each request id, which
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from pydantic import TypeAdapter
 
@@ -105,11 +106,12 @@ class Entry:
     url_timeouts: int = 0
     #: Hash of the request's canonical content (service.dedupe): re-sends vs id conflicts.
     content_hash: str = ""
+    #: The engine's key for this entry, (partition, request id): one tuple, made once and
+    #: shared by every dict and queue that holds the entry (100,000 entries, 5 MB each copy).
+    key: tuple[int, str] = field(init=False)
 
-    @property
-    def key(self) -> tuple[int, str]:
-        """The engine's key for this entry."""
-        return (self.partition, self.request_id)
+    def __post_init__(self) -> None:
+        self.key = (self.partition, self.request_id)
 
     @property
     def headers(self) -> list[OriginalHeader]:
@@ -179,7 +181,7 @@ def new_entry(
         request_id=request.request_id,
         state="queued",
         received_at=received_at,
-        document_type_code=request.document_type_code,
+        document_type_code=sys.intern(request.document_type_code),
         metadata=metadata if inline else None,
         metadata_in_document=not inline,
         filename=request.filename,
@@ -199,9 +201,10 @@ def entry_from_changelog(value: bytes, *, partition: int, epoch: int) -> Entry:
         partition=partition,
         epoch=epoch,
         request_id=record.request_id,
-        state=record.state,
+        # A few distinct values across all entries: one shared string each, not one per entry.
+        state=cast(PendingState, sys.intern(record.state)),
         received_at=record.received_at,
-        document_type_code=record.document_type_code,
+        document_type_code=sys.intern(record.document_type_code),
         document=(
             DocumentAt(
                 record.document.partition, record.document.offset, record.document.size_bytes

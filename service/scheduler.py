@@ -227,14 +227,16 @@ class DueQueue(Generic[K]):
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, K]] = []
-        self._live: dict[K, tuple[float, int]] = {}
+        #: Each queued key's live heap item (the very tuple in the heap: an item is live iff
+        #: it *is* its key's entry here; no second tuple per key, which matters at 100,000).
+        self._live: dict[K, tuple[float, int, K]] = {}
         self._seq = itertools.count()
 
     def schedule(self, key: K, due_at: float) -> None:
         """Make ``key`` due at ``due_at`` (replacing any earlier schedule)."""
-        seq = next(self._seq)
-        self._live[key] = (due_at, seq)
-        heapq.heappush(self._heap, (due_at, seq, key))
+        item = (due_at, next(self._seq), key)
+        self._live[key] = item
+        heapq.heappush(self._heap, item)
         self._maybe_compact()
 
     def cancel(self, key: K) -> None:
@@ -244,36 +246,36 @@ class DueQueue(Generic[K]):
 
     def due_at(self, key: K) -> float | None:
         """When ``key`` is due, or None if it is not queued."""
-        entry = self._live.get(key)
-        return entry[0] if entry else None
+        item = self._live.get(key)
+        return item[0] if item else None
 
     def pop_due(self, now: float, *, limit: int | None = None) -> list[K]:
         """Remove and return keys due at or before ``now``, earliest first, at most ``limit``."""
         out: list[K] = []
         while self._heap and (limit is None or len(out) < limit):
-            due_at, seq, key = self._heap[0]
-            if self._live.get(key) != (due_at, seq):
+            item = self._heap[0]
+            if self._live.get(item[2]) is not item:
                 heapq.heappop(self._heap)
                 continue
-            if due_at > now:
+            if item[0] > now:
                 break
             heapq.heappop(self._heap)
-            del self._live[key]
-            out.append(key)
+            del self._live[item[2]]
+            out.append(item[2])
         return out
 
     def next_due_at(self) -> float | None:
         """The earliest due time, or None when empty."""
         while self._heap:
-            due_at, seq, key = self._heap[0]
-            if self._live.get(key) == (due_at, seq):
-                return due_at
+            item = self._heap[0]
+            if self._live.get(item[2]) is item:
+                return item[0]
             heapq.heappop(self._heap)
         return None
 
     def _maybe_compact(self) -> None:
         if len(self._heap) > 2 * len(self._live) + 64:
-            self._heap = [(due, seq, key) for key, (due, seq) in self._live.items()]
+            self._heap = list(self._live.values())
             heapq.heapify(self._heap)
 
     def __len__(self) -> int:
