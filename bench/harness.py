@@ -1,9 +1,10 @@
-"""The benchmark's moving parts: emulator and bridge processes, Kafka topics, requests, outcomes.
+"""The benchmark's moving parts: Kafka topics of a run, requests, measurements, profiles.
 
-Everything runs for real on loopback: the emulator is `python -m service.emulator`,
-a bridge replica is a `docutray-bridge run` process configured by environment
-variables (as in production), Kafka is the local broker from `KAFKA_BOOTSTRAP_SERVERS`.
-Each scenario gets its own topics and consumer group (:class:`Run`), deleted at the end.
+Everything runs for real on loopback: the emulator and the bridge replicas are the
+processes of :mod:`service.devkit.processes` (the same launchers the tests and the demo
+use), outcomes are read by :class:`service.devkit.outcomes.OutcomeCollector`, and Kafka is
+the local broker from `KAFKA_BOOTSTRAP_SERVERS`. Each scenario gets its own topics and
+consumer group (:class:`Run`), deleted at the end.
 """
 
 from __future__ import annotations
@@ -13,30 +14,27 @@ import contextlib
 import json
 import math
 import os
-import secrets
-import selectors
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import httpx
 import psutil
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
+from service.devkit.ports import free_port
+from service.devkit.processes import BridgeProcess, EmulatorProcess, running_redis
 from service.kafka.topics import dedupe_topic, documents_topic, topic_specs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,24 +57,6 @@ class Context:
     parallel: bool = True
     #: Scenario 5's pending count instead of its default (10,000; 200 with --quick).
     big_pending: int | None = None
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout_s: float, what: str, *, interval_s: float = 0.2
-) -> None:
-    """Check `predicate` until true; RuntimeError naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)  # wait-ok: polling a condition under a deadline
-
-
-def free_port() -> int:
-    """A TCP port on loopback nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -110,223 +90,9 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
-def _read_line(stream: IO[bytes], *, deadline: float) -> str:
-    """One line from a child's stdout, or "" if none arrives before the deadline."""
-    selector = selectors.DefaultSelector()
-    selector.register(stream, selectors.EVENT_READ)
-    buffer = b""
-    try:
-        while not buffer.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not selector.select(timeout=remaining):
-                return ""
-            byte = os.read(stream.fileno(), 1)
-            if not byte:
-                break
-            buffer += byte
-    finally:
-        selector.close()
-    return buffer.decode().strip()
-
-
-def _stop_process(proc: subprocess.Popen[bytes] | None, *, timeout_s: float) -> int | None:
-    """SIGTERM, wait, then SIGKILL; the exit code (None if it was not running)."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    return proc.returncode
-
-
-# --------------------------------------------------------------------------- the emulator
-
-
-@dataclass
-class Emulator:
-    """One `python -m service.emulator` process on a free loopback port."""
-
-    args: list[str]
-    log_path: Path
-    api_key: str = field(default_factory=lambda: "bench-" + secrets.token_urlsafe(12))
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base_url(self) -> str:
-        """What a DocuTray client takes as base URL."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Emulator:
-        """Launch and wait for the `emulator listening on` line and a healthy `/healthz`."""
-        env = {**os.environ, "EMULATOR_API_KEYS": self.api_key}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.emulator", "--port", "0", *self.args],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        assert self.proc.stdout is not None
-        line = _read_line(self.proc.stdout, deadline=time.monotonic() + 30)
-        if not line.startswith("emulator listening on http://"):
-            self.stop()
-            raise RuntimeError(f"emulator did not start: {line!r}; see {self.log_path}")
-        self.port = int(line.rsplit(":", 1)[1])
-        wait_until(self._healthy, 20, "emulator /healthz", interval_s=0.05)
-        return self
-
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stats(self, *, timestamps: bool = False) -> dict[str, Any]:
-        """`GET /_emulator/stats` (`timestamps` adds `counted_call_times_s`, monotonic seconds)."""
-        response = httpx.get(
-            f"{self.base_url}/_emulator/stats",
-            params={"timestamps": "1" if timestamps else "0"},
-            timeout=30,
-        )
-        response.raise_for_status()
-        body: dict[str, Any] = response.json()
-        return body
-
-    @property
-    def pid(self) -> int:
-        """The process id."""
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        """Terminate the process."""
-        proc, self.proc = self.proc, None
-        _stop_process(proc, timeout_s=5)
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
-
-
-# --------------------------------------------------------------------------- bridge replicas
-
-
-def bridge_command() -> list[str]:
-    """The installed console script (`docutray-bridge run`), else the module."""
-    script = BIN / "docutray-bridge"
-    if script.exists():
-        return [str(script), "run"]
-    return [sys.executable, "-m", "service.cli", "run"]
-
-
-@dataclass
-class Bridge:
-    """One `docutray-bridge run` process, configured by its environment."""
-
-    name: str
-    env: dict[str, str]
-    log_path: Path
-    metrics_port: int
-    proc: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-
-    def start(self) -> Bridge:
-        """Start the process (again, after a stop)."""
-        with self.log_path.open("ab") as log:
-            self.started_at = time.monotonic()
-            self.proc = subprocess.Popen(
-                bridge_command(), env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        """The process id."""
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        """Whether the process runs."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def url(self, path: str) -> str:
-        """A URL on the ops endpoint."""
-        return f"http://127.0.0.1:{self.metrics_port}{path}"
-
-    def ready(self) -> bool:
-        """Whether /readyz answers 200."""
-        try:
-            return httpx.get(self.url("/readyz"), timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def wait_ready(self, timeout_s: float = 90) -> float:
-        """Wait until ready; return seconds since start. Fails early if the process exits."""
-
-        def check() -> bool:
-            if not self.alive:
-                raise RuntimeError(f"bridge {self.name} exited:\n{self.log_tail()}")
-            return self.ready()
-
-        wait_until(check, timeout_s, f"bridge {self.name} ready", interval_s=0.05)
-        return time.monotonic() - self.started_at
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Every sample of the current /metrics scrape, keyed by (name, sorted labels)."""
-        text = httpx.get(self.url("/metrics"), timeout=10).text
-        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-        return out
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples named `name` whose labels include `labels`."""
-        total = 0.0
-        for (sample, sample_labels), value in self.metrics().items():
-            have = dict(sample_labels)
-            if sample == name and all(have.get(k) == v for k, v in labels.items()):
-                total += value
-        return total
-
-    def cpu_s(self) -> float:
-        """CPU seconds the process has used so far."""
-        return cpu_seconds(self.pid)
-
-    def rss_bytes(self) -> int:
-        """Resident set size now."""
-        return int(psutil.Process(self.pid).memory_info().rss)
-
-    def stop(self, timeout_s: float = 60) -> tuple[int | None, float]:
-        """SIGTERM and wait; the exit code and the seconds it took."""
-        started = time.monotonic()
-        code = _stop_process(self.proc, timeout_s=timeout_s)
-        return code, time.monotonic() - started
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of the process log."""
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def log_events(self, event: str) -> list[dict[str, Any]]:
-        """Every JSON log line whose `event` is `event`."""
-        found: list[dict[str, Any]] = []
-        if not self.log_path.exists():
-            return found
-        with self.log_path.open(errors="replace") as fh:
-            for line in fh:
-                if f'"{event}"' not in line:
-                    continue
-                with contextlib.suppress(json.JSONDecodeError):
-                    body = json.loads(line)
-                    if body.get("event") == event:
-                        found.append(body)
-        return found
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process now."""
+    return int(psutil.Process(pid).memory_info().rss)
 
 
 class RssSampler:
@@ -467,7 +233,7 @@ class Run:
                 with contextlib.suppress(Exception):
                     fut.result()
 
-    def bridge_env(self, emulator: Emulator, **overrides: str) -> dict[str, str]:
+    def bridge_env(self, emulator: EmulatorProcess, **overrides: str) -> dict[str, str]:
         """The environment of a bridge replica of this run (overrides win)."""
         env = {
             key: value
@@ -493,7 +259,7 @@ class Run:
         env.update(overrides)
         return env
 
-    def bridge(self, name: str, emulator: Emulator, **overrides: str) -> Bridge:
+    def bridge(self, name: str, emulator: EmulatorProcess, **overrides: str) -> BridgeProcess:
         """A bridge replica of this run (not started)."""
         port = free_port()
         env = self.bridge_env(
@@ -502,7 +268,7 @@ class Run:
             BRIDGE_METRICS_PORT=str(port),
             **overrides,
         )
-        return Bridge(name, env, self.workdir / f"{name}.log", port)
+        return BridgeProcess(name, env, self.workdir / f"{name}.log", port, cwd=REPO)
 
 
 # --------------------------------------------------------------------------- requests
@@ -601,181 +367,17 @@ def paced_produce(
         raise RuntimeError(f"requests not delivered to {topic}")
 
 
-# --------------------------------------------------------------------------- outcomes
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """One result or dead letter, with the timings the benchmark needs (epoch seconds)."""
-
-    request_id: str | None
-    ok: bool
-    reason: str | None
-    produced_at: float | None
-    submitted_at: float | None
-    completed_at: float | None
-    published_at: float | None
-    status_calls: int | None
-    seen_at: float
-
-
-def parse_outcome(raw: bytes, *, seen_at: float) -> Outcome | None:
-    """A result/dead-letter value as an :class:`Outcome` (None if unreadable)."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(body, dict):
-        return None
-    if "reason" in body:
-        return Outcome(
-            body.get("request_id"),
-            False,
-            str(body.get("reason")),
-            None,
-            None,
-            None,
-            parse_ts(body.get("failed_at")),
-            body.get("status_calls"),
-            seen_at,
-        )
-    timings = body.get("timings") or {}
-    metadata = body.get("metadata") or {}
-    produced = metadata.get("bench_produced_at")
-    return Outcome(
-        body.get("request_id"),
-        True,
-        None,
-        float(produced) if produced is not None else None,
-        parse_ts(timings.get("submitted_at")),
-        parse_ts(timings.get("completed_at")),
-        parse_ts(timings.get("published_at")),
-        timings.get("status_calls"),
-        seen_at,
-    )
-
-
-class OutcomeCollector:
-    """Reads result and dead-letter topics (read_committed, from the beginning) in a thread.
-
-    `seen_at` is when this reader received a record: an upper bound of the
-    moment its transaction committed (the reader polls with a short timeout).
-    """
-
-    def __init__(self, bootstrap: str, topics: list[str]) -> None:
-        self.bootstrap = bootstrap
-        self.topics = topics
-        self.outcomes: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._assigned = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="outcomes", daemon=True)
-
-    def _run(self) -> None:
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "auto.offset.reset": "earliest",
-                "topic.metadata.refresh.interval.ms": 1000,
-            }
-        )
-        try:
-            deadline = time.monotonic() + 60
-            tps: list[TopicPartition] = []
-            while not tps:
-                md = consumer.list_topics(timeout=10)
-                missing = [t for t in self.topics if t not in md.topics]
-                if not missing:
-                    for t in self.topics:
-                        tps.extend(
-                            TopicPartition(t, p, OFFSET_BEGINNING) for p in md.topics[t].partitions
-                        )
-                elif time.monotonic() > deadline:
-                    raise RuntimeError(f"topics never appeared: {missing}")
-                else:
-                    time.sleep(0.2)  # wait-ok: waiting for topic creation
-            consumer.assign(tps)
-            self._assigned.set()
-            while not self._stop.is_set():
-                batch = consumer.consume(num_messages=1000, timeout=0.05)
-                now = time.time()
-                parsed = []
-                for msg in batch:
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            continue
-                        raise RuntimeError(f"Kafka error: {err.str()}")
-                    outcome = parse_outcome(msg.value() or b"", seen_at=now)
-                    if outcome is not None:
-                        parsed.append(outcome)
-                if parsed:
-                    with self._lock:
-                        self.outcomes.extend(parsed)
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            consumer.close()
-
-    def start(self) -> OutcomeCollector:
-        """Start reading; returns once the partitions are assigned."""
-        self._thread.start()
-        wait_until(lambda: self._assigned.is_set() or self._error is not None, 70, "outcome reader")
-        self._raise()
-        return self
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"outcome reader failed: {self._error}")
-
-    def count(self) -> int:
-        """Outcomes seen so far."""
-        self._raise()
-        with self._lock:
-            return len(self.outcomes)
-
-    def snapshot(self) -> list[Outcome]:
-        """A copy of every outcome seen so far."""
-        with self._lock:
-            return list(self.outcomes)
-
-    def wait_count(
-        self, n: int, timeout_s: float, *, on_wait: Callable[[], None] | None = None
-    ) -> None:
-        """Wait until at least `n` outcomes were seen."""
-
-        def enough() -> bool:
-            if on_wait is not None:
-                on_wait()
-            return self.count() >= n
-
-        wait_until(enough, timeout_s, f"{n} outcomes", interval_s=0.02)
-
-    def stop(self) -> None:
-        """Stop the reader thread."""
-        self._stop.set()
-        self._thread.join(15)
-
-
 # --------------------------------------------------------------------------- Redis
 
 
 @contextlib.contextmanager
-def redis_url() -> Iterator[str]:
+def redis_url(workdir: Path | None = None) -> Iterator[str]:
     """`REDIS_URL` from the environment (the local stack), else a private redis-server."""
     url = os.environ.get("REDIS_URL", "")
     if url:
         yield url
         return
-    if shutil.which("redis-server") is None:
-        raise RuntimeError("REDIS_URL is not set and redis-server is not installed")
-    from bench.limiter_share import running_redis
-
-    with running_redis() as server:
+    with running_redis(workdir or Path(tempfile.mkdtemp(prefix="bench-redis-"))) as server:
         yield server.url
 
 

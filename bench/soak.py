@@ -38,8 +38,6 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -55,17 +53,16 @@ from confluent_kafka import Producer
 
 from bench.harness import (
     REPO,
-    Bridge,
-    Emulator,
-    OutcomeCollector,
     Run,
     b64,
-    free_port,
     request_value,
-    wait_until,
+    rss_bytes,
 )
 from service import samples
-from tests.chaos.checker import GOOD, Observed, check_history
+from service.devkit.history import GOOD, Observed, check_history
+from service.devkit.outcomes import OutcomeCollector
+from service.devkit.processes import BridgeProcess, EmulatorProcess, RedisServer
+from service.devkit.waiting import wait_until
 
 MIB = 1024 * 1024
 DEFAULT_JSON = REPO / "bench" / "results" / "soak.json"
@@ -142,64 +139,6 @@ def memory_verdict(
 # --------------------------------------------------------------------------- moving parts
 
 
-class SoakRedis:
-    """A redis-server of the soak's own on a free port; stop and start keep the port."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not Path(binary).exists():
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.binary = binary
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Start and wait for PING."""
-        log = (self.workdir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_until(self._pings, 20, "redis PING", interval_s=0.05)
-
-    def _pings(self) -> bool:
-        import redis
-
-        try:
-            return bool(redis.Redis.from_url(self.url, socket_timeout=1).ping())
-        except redis.RedisError:
-            return False
-
-    def stop(self) -> None:
-        """SIGTERM and wait."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
 class PacedProducer:
     """Produces `soak-N` requests at a steady rate in a thread until stopped."""
 
@@ -268,10 +207,10 @@ class Sample:
 class Soak:
     """State of one soak run."""
 
-    emulator: Emulator
-    redis: SoakRedis
-    steady: Bridge
-    victim: Bridge
+    emulator: EmulatorProcess
+    redis: RedisServer
+    steady: BridgeProcess
+    victim: BridgeProcess
     producer: PacedProducer
     reader: OutcomeCollector
     started: float = field(default_factory=time.monotonic)
@@ -302,9 +241,9 @@ class Soak:
         return total
 
     @staticmethod
-    def rss_mib(bridge: Bridge) -> float | None:
+    def rss_mib(bridge: BridgeProcess) -> float | None:
         try:
-            return round(bridge.rss_bytes() / MIB, 2) if bridge.alive else None
+            return round(rss_bytes(bridge.pid) / MIB, 2) if bridge.alive else None
         except psutil.Error:
             return None
 
@@ -382,12 +321,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("soak: KAFKA_BOOTSTRAP_SERVERS is not set (run `make soak`)")
     workdir = Path(tempfile.mkdtemp(prefix="docutray-soak-"))
     print(f"soak: {args.duration_s:.0f} s at {args.rate_per_s}/s; logs in {workdir}", flush=True)
-    emulator = Emulator(
-        ["--processing-median-s", "2.0", "--processing-sigma", "0.5", "--seed", "7"],
-        workdir / "emulator.log",
+    emulator = EmulatorProcess(
+        cwd=REPO,
+        args=["--processing-median-s", "2.0", "--processing-sigma", "0.5", "--seed", "7"],
+        log_path=workdir / "emulator.log",
     ).start()
-    redis = SoakRedis(workdir)
-    redis.start()
+    redis = RedisServer(workdir / "redis").start(timeout_s=20)
     soak_run = Run.new(bootstrap, "soak", workdir, partitions=6)
     soak_run.create_topics()
     overrides = {
@@ -435,7 +374,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             wait_until(drained, args.drain_timeout_s, "every request has an outcome")
             drain_s: float | None = round(time.monotonic() - drain_started, 1)
-        except RuntimeError:
+        except TimeoutError:
             drain_s = None
         final_sample = soak.sample("end")
         history = check_history(
@@ -448,14 +387,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stats = emulator.stats()
         codes = {}
         for bridge in (steady, victim):
-            code, seconds = bridge.stop()
+            code, seconds = bridge.stop_timed()
             codes[bridge.name] = {"exit_code": code, "stop_s": round(seconds, 1)}
     finally:
         producer.halt()
         reader.stop()
         for bridge in (steady, victim):
             if bridge.alive:
-                bridge.stop(timeout_s=30)
+                bridge.stop_timed(30)
         emulator.stop()
         redis.stop()
         soak_run.delete_topics()

@@ -35,19 +35,19 @@ from typing import Any
 from confluent_kafka.admin import AdminClient
 
 from bench.harness import (
-    Bridge,
-    Emulator,
-    OutcomeCollector,
+    REPO,
     Run,
     b64,
-    free_port,
     load_average,
     mean,
     paced_produce,
     percentile,
-    wait_until,
 )
 from service import samples
+from service.devkit.outcomes import OutcomeCollector
+from service.devkit.ports import free_port
+from service.devkit.processes import BridgeProcess, EmulatorProcess
+from service.devkit.waiting import wait_until
 
 MEDIAN_S = 5.0
 SIGMA = 0.5
@@ -77,7 +77,9 @@ def one_run(
         args += ["--webhook-url", f"http://127.0.0.1:{port}/webhooks/docutray"]
         args += ["--webhook-drop-rate", str(drop_rate)]
     slug = label.replace(" ", "-").replace(",", "").replace("%", "pct")
-    emulator = Emulator(args=args, log_path=workdir / f"emulator-{slug}.log").start()
+    emulator = EmulatorProcess(
+        args=args, log_path=workdir / f"emulator-{slug}.log", cwd=REPO
+    ).start()
     run = Run.new(bootstrap, f"wh-{slug}", workdir)
     env = {
         "BRIDGE_SUBMIT_RATE_PER_MINUTE": "6000",
@@ -90,7 +92,7 @@ def one_run(
         env["BRIDGE_WEBHOOKS_ENABLED"] = "true"
         if fallback_poll_s is not None:
             env["BRIDGE_WEBHOOK_FALLBACK_POLL_S"] = str(fallback_poll_s)
-    bridges: list[Bridge] = []
+    bridges: list[BridgeProcess] = []
     collector: OutcomeCollector | None = None
     n = int(rate_per_s * duration_s)
     try:
@@ -127,7 +129,7 @@ def one_run(
             collector.stop()
         for bridge in bridges:
             with contextlib.suppress(Exception):
-                bridge.stop(30)
+                bridge.stop_timed(30)
         emulator.stop()
         with contextlib.suppress(Exception):
             run.delete_topics()

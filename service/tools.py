@@ -180,11 +180,13 @@ def read_outcomes(
     follow: bool,
     idle_timeout_s: float = 2.0,
     stop: Callable[[], bool] | None = None,
+    batch_timeout_s: float = 0.2,
 ) -> Iterator[Outcome]:
     """Read result/dead-letter topics from the beginning with read_committed.
 
     Without `follow`, stops at the end of every partition; with it, goes on
-    until `stop()` says so.
+    until `stop()` says so. `batch_timeout_s` bounds how long a record may wait in a batch
+    (a benchmark that times arrivals wants it short).
     """
     client_errors = _ClientErrors()
     consumer = Consumer(
@@ -221,7 +223,7 @@ def read_outcomes(
         while True:
             if stop is not None and stop():
                 return
-            msgs = consumer.consume(num_messages=500, timeout=0.2)
+            msgs = consumer.consume(num_messages=500, timeout=batch_timeout_s)
             for msg in msgs:
                 err = msg.error()
                 topic, part = msg.topic() or "", msg.partition() or 0

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.limiter_share import ReplicaProcess
+from service.devkit.limiter_replica import ReplicaProcess
 from service.docutray import DocuTrayClient, RateLimited
 from service.ratelimit import Limiter, LimiterTimeout, build_limiter
 from service.ratelimit.policy import gcra_shape

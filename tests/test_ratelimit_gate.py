@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from bench.limiter_share import RedisServer
+from service.devkit.processes import RedisServer
 from service.ratelimit import AimdParams, Budget, Limiter, LimiterTimeout, build_limiter
 from service.ratelimit.policy import (
     GateState,

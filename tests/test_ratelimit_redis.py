@@ -17,7 +17,8 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from bench.limiter_share import RedisServer, ReplicaProcess
+from service.devkit.limiter_replica import ReplicaProcess
+from service.devkit.processes import RedisServer
 from service.ratelimit import AimdParams, Budget, Limiter, build_limiter
 from service.ratelimit.policy import (
     LaneState,

@@ -51,16 +51,16 @@ from confluent_kafka import Producer
 
 from bench.harness import (
     REPO,
-    Bridge,
     Context,
-    Emulator,
-    OutcomeCollector,
     Run,
+    cpu_seconds,
     load_average,
     parse_ts,
-    wait_until,
 )
 from service import samples
+from service.devkit.outcomes import OutcomeCollector
+from service.devkit.processes import BridgeProcess, EmulatorProcess
+from service.devkit.waiting import wait_until
 
 #: The memory budget the replica of scenario 5 runs with (the chart would set it from a
 #: 300-400 MiB container limit).
@@ -192,7 +192,7 @@ def topic_log_bytes(data_dir: Path, topic: str) -> int:
     return total
 
 
-def wait_ready_traced(bridge: Bridge, timeout_s: float) -> dict[str, float]:
+def wait_ready_traced(bridge: BridgeProcess, timeout_s: float) -> dict[str, float]:
     """Wait for /readyz 200; for each reason it gave for not being ready, the last moment
     (monotonic) it was given. Raises if the process exits or the deadline passes."""
     last_seen: dict[str, float] = {}
@@ -212,14 +212,14 @@ def wait_ready_traced(bridge: Bridge, timeout_s: float) -> dict[str, float]:
     raise RuntimeError(f"bridge {bridge.name} not ready within {timeout_s:.0f} s")
 
 
-def _log_lines(bridge: Bridge) -> int:
+def _log_lines(bridge: BridgeProcess) -> int:
     if not bridge.log_path.exists():
         return 0
     with bridge.log_path.open(errors="replace") as fh:
         return sum(1 for _ in fh)
 
 
-def _timeline(bridge: Bridge, skip_lines: int, t0_wall: float) -> dict[str, float]:
+def _timeline(bridge: BridgeProcess, skip_lines: int, t0_wall: float) -> dict[str, float]:
     """Seconds from `t0_wall` to the first log event of each kind after line `skip_lines`."""
     out: dict[str, float] = {}
     with bridge.log_path.open(errors="replace") as fh:
@@ -234,11 +234,11 @@ def _timeline(bridge: Bridge, skip_lines: int, t0_wall: float) -> dict[str, floa
     return out
 
 
-def _pending_total(bridge: Bridge) -> float:
+def _pending_total(bridge: BridgeProcess) -> float:
     return bridge.metric("docutray_bridge_pending_conversions")
 
 
-def _alive_check(bridge: Bridge) -> None:
+def _alive_check(bridge: BridgeProcess) -> None:
     if not bridge.alive:
         raise RuntimeError(f"bridge {bridge.name} died:\n{bridge.log_tail()}")
 
@@ -279,7 +279,8 @@ def pending_and_restore(
     """N pending requests carrying `document` (base64 PDF) at one replica whose submit budget
     is 1/min: RSS while they arrive; then kill -9, restart under the same id, restore."""
     started = time.monotonic()
-    emulator = Emulator(
+    emulator = EmulatorProcess(
+        cwd=REPO,
         args=["--processing-median-s", "3000", "--processing-sigma", "0.01"],
         log_path=ctx.workdir / f"emulator-{label}.log",
     ).start()
@@ -304,7 +305,7 @@ def pending_and_restore(
         result["first_ready_s"] = round(bridge.wait_ready(120), 2)
         result["rss_mb_idle"] = mb(proc_status(bridge.pid)["VmRSS"])
         producer = big_producer(ctx.bootstrap)
-        cpu0 = bridge.cpu_s()
+        cpu0 = cpu_seconds(bridge.pid)
         with VmRssSampler(bridge.pid) as rss:
             t0 = time.monotonic()
             produced = 0
@@ -328,7 +329,9 @@ def pending_and_restore(
             fill_s = time.monotonic() - t0
             result["fill_s"] = round(fill_s, 1)
             result["fill_mb_per_s"] = round(produced / 2**20 / fill_s, 1)
-            result["fill_bridge_cpu_ms_per_request"] = round((bridge.cpu_s() - cpu0) / n * 1000, 1)
+            result["fill_bridge_cpu_ms_per_request"] = round(
+                (cpu_seconds(bridge.pid) - cpu0) / n * 1000, 1
+            )
             result["load_average_filled"] = load_average()
             status = proc_status(bridge.pid)
             result["rss_mb_filled"] = mb(status["VmRSS"])
@@ -385,7 +388,7 @@ def pending_and_restore(
         result["emulator_submissions"] = emulator.stats()["submissions_accepted"]
     finally:
         if bridge.alive:
-            bridge.stop(30)
+            bridge.stop_timed(30)
         emulator.stop()
         with contextlib.suppress(Exception):
             run.delete_topics()
@@ -415,7 +418,8 @@ def _write_amplification(ctx: Context, compression: str) -> dict[str, Any]:
     if data_dir is None:
         raise RuntimeError("no local broker log directory ($STACK_DIR/kafka/data) to measure")
     started = time.monotonic()
-    emulator = Emulator(
+    emulator = EmulatorProcess(
+        cwd=REPO,
         args=["--processing-median-s", "0.5", "--processing-sigma", "0.2"],
         log_path=ctx.workdir / "emulator-s6.log",
     ).start()
@@ -477,7 +481,7 @@ def _write_amplification(ctx: Context, compression: str) -> dict[str, Any]:
     finally:
         collector.stop()
         if bridge.alive:
-            bridge.stop(30)
+            bridge.stop_timed(30)
         emulator.stop()
         with contextlib.suppress(Exception):
             run.delete_topics()
@@ -492,7 +496,8 @@ def _write_amplification(ctx: Context, compression: str) -> dict[str, Any]:
 def run_result_too_large(ctx: Context) -> dict[str, Any]:
     """A 3 MB result on a results topic at 1048588, five small requests behind it."""
     started = time.monotonic()
-    emulator = Emulator(
+    emulator = EmulatorProcess(
+        cwd=REPO,
         args=["--processing-median-s", "2", "--processing-sigma", "0.01"],
         log_path=ctx.workdir / "emulator-s7.log",
     ).start()
@@ -563,7 +568,7 @@ def run_result_too_large(ctx: Context) -> dict[str, Any]:
     finally:
         collector.stop()
         if bridge.alive:
-            bridge.stop(30)
+            bridge.stop_timed(30)
         emulator.stop()
         with contextlib.suppress(Exception):
             run.delete_topics()
@@ -606,7 +611,7 @@ def _dead_letter_conversion_id(run: Run, ctx: Context, request_id: str) -> str |
     return None
 
 
-def _conversion_finished_at(emulator: Emulator, conversion_id: str) -> float | None:
+def _conversion_finished_at(emulator: EmulatorProcess, conversion_id: str) -> float | None:
     """DocuTray's ``response_timestamp`` of a conversion (epoch seconds)."""
     response = httpx.get(
         f"{emulator.base_url}/api/convert-async/status/{conversion_id}",
@@ -618,7 +623,7 @@ def _conversion_finished_at(emulator: Emulator, conversion_id: str) -> float | N
     return parse_ts(response.json().get("response_timestamp"))
 
 
-def _log_time(bridge: Bridge, event: str, request_id: str) -> float | None:
+def _log_time(bridge: BridgeProcess, event: str, request_id: str) -> float | None:
     """When the bridge logged `event` for `request_id` (epoch seconds)."""
     for body in bridge.log_events(event):
         if body.get("request_id") == request_id:

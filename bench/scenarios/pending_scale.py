@@ -22,17 +22,19 @@ import time
 from typing import Any
 
 from bench.harness import (
-    Bridge,
+    REPO,
     Context,
-    Emulator,
     RssSampler,
     Run,
     b64,
+    cpu_seconds,
     load_average,
     produce_requests,
-    wait_until,
+    rss_bytes,
 )
 from service import samples
+from service.devkit.processes import BridgeProcess, EmulatorProcess
+from service.devkit.waiting import wait_until
 
 MEDIAN_S = 3000.0
 
@@ -92,7 +94,7 @@ def entry_footprint(n: int = 5000) -> dict[str, Any]:
     }
 
 
-def _pending(bridge: Bridge, state: str) -> float:
+def _pending(bridge: BridgeProcess, state: str) -> float:
     return bridge.metric("docutray_bridge_pending_conversions", state=state)
 
 
@@ -100,7 +102,8 @@ def run(ctx: Context) -> dict[str, Any]:
     """Fill the pending set, measure memory, restart, measure the restore."""
     n = 10_000 if ctx.quick else 100_000
     started = time.monotonic()
-    emulator = Emulator(
+    emulator = EmulatorProcess(
+        cwd=REPO,
         args=[
             "--processing-median-s",
             str(MEDIAN_S),
@@ -131,7 +134,7 @@ def run(ctx: Context) -> dict[str, Any]:
         with RssSampler(bridge.pid) as rss:
             result["first_ready_s"] = round(bridge.wait_ready(120), 2)
             t_ready = time.monotonic()
-            cpu_ready = bridge.cpu_s()
+            cpu_ready = cpu_seconds(bridge.pid)
 
             def all_submitted() -> bool:
                 if not bridge.alive:
@@ -142,9 +145,11 @@ def run(ctx: Context) -> dict[str, Any]:
             fill_s = time.monotonic() - t_ready
             result["fill_s"] = round(fill_s, 1)
             result["submits_per_s"] = round(n / fill_s, 1)
-            result["fill_cpu_s_per_1000"] = round((bridge.cpu_s() - cpu_ready) / n * 1000, 3)
+            result["fill_cpu_s_per_1000"] = round(
+                (cpu_seconds(bridge.pid) - cpu_ready) / n * 1000, 3
+            )
             time.sleep(3.0)  # wait-ok: a steady-state memory sample with the set complete
-            result["rss_mb_steady"] = round(bridge.rss_bytes() / 2**20, 1)
+            result["rss_mb_steady"] = round(rss_bytes(bridge.pid) / 2**20, 1)
             result["pending_by_state"] = {
                 s: _pending(bridge, s) for s in ("queued", "submitting", "submitted")
             }
@@ -152,7 +157,7 @@ def run(ctx: Context) -> dict[str, Any]:
         stats = emulator.stats()
         result["emulator_submissions_accepted"] = stats["submissions_accepted"]
         result["emulator_status_calls_before_restart"] = stats["status_calls"]
-        code, stop_s = bridge.stop(60)
+        code, stop_s = bridge.stop_timed(60)
         result["stop_exit_code"] = code
         result["stop_s"] = round(stop_s, 2)
 
@@ -170,13 +175,13 @@ def run(ctx: Context) -> dict[str, Any]:
             result["restored_records"] = int(restored)
             result["restore_log_seconds"] = [e.get("seconds") for e in events]
             time.sleep(2.0)  # wait-ok: memory after the restored set is adopted
-            result["restart_rss_mb"] = round(bridge.rss_bytes() / 2**20, 1)
+            result["restart_rss_mb"] = round(rss_bytes(bridge.pid) / 2**20, 1)
         result["restart_rss_mb_peak"] = round(rss2.peak_bytes / 2**20, 1)
-        code, stop_s = bridge.stop(60)
+        code, stop_s = bridge.stop_timed(60)
         result["second_stop_exit_code"] = code
     finally:
         if bridge.alive:
-            bridge.stop(20)
+            bridge.stop_timed(20)
         emulator.stop()
         with contextlib.suppress(Exception):
             run_.delete_topics()

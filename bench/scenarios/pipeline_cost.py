@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import (
+    REPO,
     Context,
-    Emulator,
-    OutcomeCollector,
     PySpy,
     Run,
     b64,
@@ -31,9 +30,12 @@ from bench.harness import (
     load_average,
     produce_requests,
     py_spy_binary,
+    rss_bytes,
     summarize_profile,
 )
 from service import samples
+from service.devkit.outcomes import OutcomeCollector
+from service.devkit.processes import EmulatorProcess
 
 WARMUP_REQUESTS = 200
 
@@ -50,7 +52,8 @@ BRIDGE_ENV = {
 
 def measure(ctx: Context, n: int, *, profile_to: Path | None = None) -> dict[str, Any]:
     """One bridge replica, `n` requests after a warm-up; optionally under py-spy."""
-    emulator = Emulator(
+    emulator = EmulatorProcess(
+        cwd=REPO,
         args=["--processing-median-s", "0.001", "--processing-sigma", "0"],
         log_path=ctx.workdir / "emulator-s2.log",
     ).start()
@@ -79,7 +82,7 @@ def measure(ctx: Context, n: int, *, profile_to: Path | None = None) -> dict[str
         with contextlib.ExitStack() as stack:
             if profile_to is not None:
                 stack.enter_context(PySpy(bridge.pid, profile_to))
-            cpu0, emu_cpu0 = bridge.cpu_s(), cpu_seconds(emulator.pid)
+            cpu0, emu_cpu0 = cpu_seconds(bridge.pid), cpu_seconds(emulator.pid)
             t_first = time.time()
             produce_requests(
                 ctx.bootstrap,
@@ -95,16 +98,16 @@ def measure(ctx: Context, n: int, *, profile_to: Path | None = None) -> dict[str
                     raise RuntimeError(f"bridge died:\n{bridge.log_tail()}")
 
             collector.wait_count(warm + n, 60 + n / 50, on_wait=check_alive)
-            cpu1, emu_cpu1 = bridge.cpu_s(), cpu_seconds(emulator.pid)
+            cpu1, emu_cpu1 = cpu_seconds(bridge.pid), cpu_seconds(emulator.pid)
         outcomes = collector.snapshot()[warm:]
         t_last = max(o.seen_at for o in outcomes)
-        rss = bridge.rss_bytes()
-        exit_code, stop_s = bridge.stop(40)
+        rss = rss_bytes(bridge.pid)
+        exit_code, stop_s = bridge.stop_timed(40)
     finally:
         if collector is not None:
             collector.stop()
         if bridge.alive:
-            bridge.stop(10)
+            bridge.stop_timed(10)
         emulator.stop()
         with contextlib.suppress(Exception):
             run.delete_topics()

@@ -26,20 +26,20 @@ from typing import Any
 
 from bench import polling
 from bench.harness import (
-    Bridge,
+    REPO,
     Context,
-    Emulator,
-    OutcomeCollector,
     Run,
     b64,
     load_average,
     mean,
     paced_produce,
     percentile,
-    wait_until,
 )
 from bench.scenarios.throughput import _SdkLoop
 from service import samples
+from service.devkit.outcomes import OutcomeCollector
+from service.devkit.processes import BridgeProcess, EmulatorProcess
+from service.devkit.waiting import wait_until
 
 LIVE_MEDIAN_S = 5.0
 SIGMA = 0.5
@@ -72,7 +72,8 @@ def simulated(*, n: int) -> list[dict[str, Any]]:
 def _live_one(
     ctx: Context, kind: str, *, rate_per_s: float, duration_s: float, threads: int
 ) -> dict[str, Any]:
-    emulator = Emulator(
+    emulator = EmulatorProcess(
+        cwd=REPO,
         args=[
             "--processing-median-s",
             str(LIVE_MEDIAN_S),
@@ -84,7 +85,7 @@ def _live_one(
         log_path=ctx.workdir / f"emulator-s4-{kind}.log",
     ).start()
     run = Run.new(ctx.bootstrap, f"s4-{kind}", ctx.workdir)
-    bridge: Bridge | None = None
+    bridge: BridgeProcess | None = None
     sdk: _SdkLoop | None = None
     collector: OutcomeCollector | None = None
     n = int(rate_per_s * duration_s)
@@ -117,7 +118,7 @@ def _live_one(
         if collector is not None:
             collector.stop()
         if bridge is not None:
-            bridge.stop(30)
+            bridge.stop_timed(30)
         if sdk is not None:
             sdk.stop()
         emulator.stop()

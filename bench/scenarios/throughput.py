@@ -27,20 +27,20 @@ from typing import Any
 
 from bench.harness import (
     REPO,
-    Bridge,
     Context,
-    Emulator,
-    OutcomeCollector,
     Run,
     b64,
+    cpu_seconds,
     load_average,
     mean,
     percentile,
     produce_requests,
     redis_url,
-    wait_until,
 )
 from service import samples
+from service.devkit.outcomes import OutcomeCollector
+from service.devkit.processes import BridgeProcess, EmulatorProcess
+from service.devkit.waiting import wait_until
 
 LIMIT_PER_MINUTE = 600
 BRIDGE_RATE_PER_MINUTE = 590
@@ -49,8 +49,9 @@ SIGMA = 0.5
 CONTENDERS = ("sdk-naive", "sdk-16-threads", "bridge-1", "bridge-3")
 
 
-def _emulator(ctx: Context, label: str, seed: int) -> Emulator:
-    return Emulator(
+def _emulator(ctx: Context, label: str, seed: int) -> EmulatorProcess:
+    return EmulatorProcess(
+        cwd=REPO,
         args=[
             "--rate-limit-per-minute",
             str(LIMIT_PER_MINUTE),
@@ -70,7 +71,7 @@ def _emulator(ctx: Context, label: str, seed: int) -> Emulator:
 class _SdkLoop:
     """The SDK loop as its own process."""
 
-    def __init__(self, run: Run, emulator: Emulator, threads: int) -> None:
+    def __init__(self, run: Run, emulator: EmulatorProcess, threads: int) -> None:
         self.log_path = run.workdir / "sdk-loop.log"
         env = {**os.environ, "DOCUTRAY_API_KEY": emulator.api_key}
         with self.log_path.open("ab") as log:
@@ -125,7 +126,7 @@ def run_contender(
     """Queue `backlog` requests, start the contender, measure over the window, stop it."""
     emulator = _emulator(ctx, kind, seed)
     run = Run.new(ctx.bootstrap, f"s1-{kind}", ctx.workdir)
-    bridges: list[Bridge] = []
+    bridges: list[BridgeProcess] = []
     sdk: _SdkLoop | None = None
     collector: OutcomeCollector | None = None
     try:
@@ -171,8 +172,8 @@ def run_contender(
             time.sleep(min(1.0, max(0.0, end_at - time.monotonic())))  # wait-ok: the window
         stats = emulator.stats(timestamps=True)
         load_after = load_average()
-        cpu = sum(b.cpu_s() for b in bridges) if bridges else None
-        exit_codes = [b.stop(40)[0] for b in bridges]
+        cpu = sum(cpu_seconds(b.pid) for b in bridges) if bridges else None
+        exit_codes = [b.stop_timed(40)[0] for b in bridges]
         if sdk is not None:
             sdk.stop()
         collector.stop()
@@ -182,7 +183,7 @@ def run_contender(
             collector.stop()
         for bridge in bridges:
             if bridge.alive:
-                bridge.stop(10)
+                bridge.stop_timed(10)
         if sdk is not None and sdk.proc.poll() is None:
             sdk.stop()
         emulator.stop()

@@ -2,7 +2,7 @@
 
 A :class:`Scenario` wraps one :class:`~tests.fixtures.bridge.Rig` (its own topics and
 group) and one emulator. A test sends requests through it (each with an
-:class:`~tests.chaos.checker.Expectation`), injects faults with its helpers, and ends
+:class:`~service.devkit.history.Expectation`), injects faults with its helpers, and ends
 with :meth:`Scenario.finish`, which
 
 1. waits until every expected request id has an outcome (bounded by time);
@@ -33,10 +33,8 @@ from typing import Any, TypeVar
 
 import httpx
 from confluent_kafka import KafkaError, Producer
-from prometheus_client.parser import text_string_to_metric_families
 
-from service.tools import Outcome, read_outcomes
-from tests.chaos.checker import (
+from service.devkit.history import (
     GOOD,
     Expectation,
     Observed,
@@ -45,6 +43,10 @@ from tests.chaos.checker import (
     emulator_resubmissions,
     format_table,
 )
+from service.devkit.outcomes import OutcomeCollector
+from service.devkit.processes import ProcessExited, sum_samples
+from service.devkit.waiting import wait_until
+from service.tools import Outcome
 from tests.fixtures.bridge import BridgeProcess, Rig, pdf_request
 from tests.fixtures.emulator import RunningEmulator
 from tests.fixtures.stack import consume_all, stack_dir
@@ -83,23 +85,19 @@ class Scrape:
 
 def scrape(proc: BridgeProcess, *, timeout_s: float = 2.0) -> Scrape:
     """One /metrics scrape of a live replica (raises httpx.HTTPError when it does not answer)."""
-    text = httpx.get(proc.url("/metrics"), timeout=timeout_s).text
+    samples = proc.ops.metrics(timeout_s=timeout_s)
     resub: dict[str, float] = {}
-    pending = ready = degraded = assigned = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "docutray_bridge_resubmissions_total":
-                reason = sample.labels.get("reason", "?")
-                resub[reason] = resub.get(reason, 0.0) + sample.value
-            elif sample.name == "docutray_bridge_pending_conversions":
-                pending += sample.value
-            elif sample.name == "docutray_bridge_ready":
-                ready = sample.value
-            elif sample.name == "docutray_bridge_limiter_degraded":
-                degraded = sample.value
-            elif sample.name == "docutray_bridge_assigned_partitions":
-                assigned = sample.value
-    return Scrape(resub, pending, ready, degraded, assigned)
+    for (name, labels), value in samples.items():
+        if name == "docutray_bridge_resubmissions_total":
+            reason = dict(labels).get("reason", "?")
+            resub[reason] = resub.get(reason, 0.0) + value
+    return Scrape(
+        resubmissions=resub,
+        pending=sum_samples(samples, "docutray_bridge_pending_conversions"),
+        ready=sum_samples(samples, "docutray_bridge_ready"),
+        degraded=sum_samples(samples, "docutray_bridge_limiter_degraded"),
+        assigned=sum_samples(samples, "docutray_bridge_assigned_partitions"),
+    )
 
 
 @dataclass
@@ -171,7 +169,7 @@ class Scenario:
         def check() -> bool:
             if not proc.alive:
                 code = proc.proc.returncode if proc.proc is not None else None
-                raise _Exited(f"bridge {proc.name} exited with {code}:\n{proc.log_tail(30)}")
+                raise ProcessExited(f"bridge {proc.name} exited with {code}:\n{proc.log_tail(30)}")
             return proc.ready()
 
         self.wait_until(check, timeout_s, f"bridge {proc.name} ready", supervise=False)
@@ -302,31 +300,27 @@ class Scenario:
     ) -> T:
         """Like `wait_for`, but supervising and sampling the replicas between checks.
 
-        An :class:`AssertionError` raised by the predicate fails at once (e.g. a replica
-        exited while we wait for it); other exceptions are retried until the deadline.
+        A :class:`~service.devkit.processes.ProcessExited` raised by the predicate fails at
+        once (a replica exited while we wait for it); other exceptions are retried until the
+        deadline, which fails with the timeline and the replicas' logs.
         """
-        deadline = time.monotonic() + timeout_s
-        last_error: BaseException | None = None
-        while True:
+
+        def check() -> T:
             if supervise:
                 self.supervise()
-            try:
-                value = predicate()
-            except _Exited:
-                raise
-            except Exception as exc:
-                last_error = exc
-            else:
-                if value:
-                    return value
-            if time.monotonic() >= deadline:
-                detail = f" (last error: {last_error!r})" if last_error else ""
-                raise AssertionError(
-                    f"[{self.name}] {message}: not within {timeout_s:.0f} s{detail}\n"
-                    + self._debug()
-                )
-            self.sample()
-            time.sleep(interval_s)  # wait-ok: polling a condition under a deadline
+            return predicate()
+
+        try:
+            return wait_until(
+                check,
+                timeout_s,
+                f"[{self.name}] {message}",
+                interval_s=interval_s,
+                retry_on=(Exception,),
+                between=self.sample,
+            )
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self._debug()}") from None
 
     def hold(self, seconds: float, why: str) -> None:
         """Let a fault last `seconds` while supervising and sampling (the fault's duration)."""
@@ -463,10 +457,6 @@ class Scenario:
         return "\n".join(parts)
 
 
-class _Exited(AssertionError):
-    """A replica exited while the scenario waited for it."""
-
-
 # ---- steady load, outcome timing and partition ownership (recovery scenarios) ----
 
 
@@ -535,56 +525,11 @@ class SteadyLoad:
         return len(self.partition_of)
 
 
-class OutcomeTail:
-    """Follows the result and dead-letter topics (read_committed) in a thread.
-
-    Keeps, per outcome, its request id and when the bridge published it (a result's
-    ``timings.published_at``, a dead letter's ``failed_at``), in epoch seconds.
-    """
-
-    def __init__(self, rig: Rig) -> None:
-        self.rig = rig
-        self.seen: list[tuple[str | None, float]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="outcome-tail", daemon=True)
-        self.error: BaseException | None = None
-
-    def start(self) -> OutcomeTail:
-        """Start following (the topics must exist: start it once a replica is ready)."""
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            for outcome in read_outcomes(
-                {"bootstrap.servers": self.rig.bootstrap},
-                [self.rig.result_topic, self.rig.dead_letter_topic],
-                follow=True,
-                stop=self._stop.is_set,
-            ):
-                at = None
-                if outcome.result is not None:
-                    at = outcome.result.timings.published_at
-                elif outcome.dead_letter is not None:
-                    at = outcome.dead_letter.failed_at
-                with self._lock:
-                    self.seen.append((outcome.request_id, at.timestamp() if at else time.time()))
-        except BaseException as exc:  # reported by first_after
-            self.error = exc
-
-    def first_after(self, since: float, wanted: Callable[[str], bool]) -> float | None:
-        """Earliest publication time after `since` of an outcome whose id is `wanted`."""
-        if self.error is not None:
-            raise AssertionError(f"outcome tail failed: {self.error!r}")
-        with self._lock:
-            times = [at for rid, at in self.seen if at > since and rid is not None and wanted(rid)]
-        return min(times) if times else None
-
-    def stop(self) -> None:
-        """Stop following."""
-        self._stop.set()
-        self._thread.join(15)
+def outcome_tail(rig: Rig) -> OutcomeCollector:
+    """Follow the rig's result and dead-letter topics (read_committed) in a thread; each
+    outcome keeps its request id and when the bridge published it (start it once a replica
+    is ready: the topics must exist)."""
+    return OutcomeCollector(rig.bootstrap, [rig.result_topic, rig.dead_letter_topic]).start()
 
 
 def assigned_partitions(proc: BridgeProcess) -> list[int]:

@@ -13,7 +13,7 @@ spins forever fails the test.
 
 from __future__ import annotations
 
-from tests.chaos.checker import result_or_dead_letter
+from service.devkit.history import result_or_dead_letter
 from tests.chaos.harness import ChaosFactory, Scenario
 from tests.fixtures.bridge import pdf_request
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.chaos.checker import (
+from service.devkit.history import (
     GOOD,
     Observed,
     ScenarioReport,

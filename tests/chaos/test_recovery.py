@@ -17,17 +17,19 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 import pytest
 
+from service.devkit.outcomes import OutcomeCollector
 from tests.chaos.harness import (
     ChaosFactory,
-    OutcomeTail,
     Scenario,
     SteadyLoad,
     assigned_partitions,
     nearest_rank,
+    outcome_tail,
 )
 from tests.fixtures.bridge import BridgeProcess
 
@@ -58,8 +60,46 @@ def _balanced(s: Scenario, *procs: BridgeProcess) -> dict[str, list[int]]:
     return dict(owners)
 
 
+@dataclass
+class TwoReplicas:
+    """Two replicas (r1, r2) sharing the partitions under a steady load, and a tail of the
+    outcomes: the start of the kill -9 scenarios."""
+
+    s: Scenario
+    r1: BridgeProcess
+    r2: BridgeProcess
+    owners: dict[str, list[int]]
+    tail: OutcomeCollector
+    load: SteadyLoad
+
+    def stop(self) -> None:
+        """Stop the load and the tail."""
+        self.load.stop()
+        self.tail.stop()
+
+
+def _two_replicas_under_load(
+    chaos: ChaosFactory, name: str, *, seed: int, prefix: str
+) -> TwoReplicas:
+    """Scenario `name` at the default session timeout: r1 and r2 balanced, then the load."""
+    s: Scenario = chaos(
+        name,
+        emulator_knobs={"processing_median_s": 0.3, "processing_sigma": 0.2, "seed": seed},
+        BRIDGE_TOPIC_PARTITIONS=str(PARTITIONS),
+    )
+    _default_session_timeout(s)
+    r1 = s.bridge("r1", BRIDGE_INSTANCE_ID="r1")
+    s.ready(r1)
+    r2 = s.bridge("r2", BRIDGE_INSTANCE_ID="r2")
+    s.ready(r2)
+    owners = _balanced(s, r1, r2)
+    tail = outcome_tail(s.rig)
+    load = SteadyLoad(s, prefix, rate_per_s=4, partitions=PARTITIONS).start()
+    return TwoReplicas(s, r1, r2, owners, tail, load)
+
+
 def _recovery_s(
-    s: Scenario, tail: OutcomeTail, load: SteadyLoad, owned: set[int], since: float, why: str
+    s: Scenario, tail: OutcomeCollector, load: SteadyLoad, owned: set[int], since: float, why: str
 ) -> float:
     """Seconds from `since` to the first outcome published for a request on `owned`."""
 
@@ -74,19 +114,8 @@ def _recovery_s(
 def test_kill9_and_restart_under_the_same_id_recovers_without_rebalance_wait(
     chaos: ChaosFactory,
 ) -> None:
-    s: Scenario = chaos(
-        "kill-9 + restart same id x10",
-        emulator_knobs={"processing_median_s": 0.3, "processing_sigma": 0.2, "seed": 71},
-        BRIDGE_TOPIC_PARTITIONS=str(PARTITIONS),
-    )
-    _default_session_timeout(s)
-    r1 = s.bridge("r1", BRIDGE_INSTANCE_ID="r1")
-    s.ready(r1)
-    r2 = s.bridge("r2", BRIDGE_INSTANCE_ID="r2")
-    s.ready(r2)
-    owners = _balanced(s, r1, r2)
-    tail = OutcomeTail(s.rig).start()
-    load = SteadyLoad(s, "rec", rate_per_s=4, partitions=PARTITIONS).start()
+    run = _two_replicas_under_load(chaos, "kill-9 + restart same id x10", seed=71, prefix="rec")
+    s, r1, r2, owners, tail, load = run.s, run.r1, run.r2, run.owners, run.tail, run.load
     rng = random.Random(72)
     recoveries: list[float] = []
     kills: list[float] = []
@@ -111,8 +140,7 @@ def test_kill9_and_restart_under_the_same_id_recovers_without_rebalance_wait(
         # No rebalance happened: r2 still holds exactly what it held at the start.
         assert assigned_partitions(r2) == owners["r2"]
     finally:
-        load.stop()
-        tail.stop()
+        run.stop()
     # Where the time goes: kill -> the new process logs bridge_starting (interpreter and
     # imports) -> state_restored (init_transactions, rejoin, restore) -> first outcome.
     starting, restored = _event_times(r1, "bridge_starting"), _event_times(r1, "state_restored")
@@ -135,15 +163,11 @@ def test_kill9_and_restart_under_the_same_id_recovers_without_rebalance_wait(
 
 def _event_times(proc: BridgeProcess, event: str) -> list[float]:
     """Epoch seconds of every `event` line in the process log (all incarnations)."""
-    out = []
-    for line in proc.log_path.read_text(errors="replace").splitlines():
-        if f'"{event}"' not in line:
-            continue
-        try:
-            out.append(datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp())
-        except (ValueError, KeyError):
-            continue
-    return out
+    return [
+        datetime.fromisoformat(body["timestamp"]).timestamp()
+        for body in proc.log_events(event)
+        if "timestamp" in body
+    ]
 
 
 def _after(times: list[float], since: float) -> float | None:
@@ -173,10 +197,10 @@ def test_two_live_processes_with_one_id_never_both_process(chaos: ChaosFactory) 
     )
     r1 = s.bridge("r1", BRIDGE_INSTANCE_ID="r1")
     s.ready(r1)
-    tail = OutcomeTail(s.rig).start()
+    tail = outcome_tail(s.rig)
     load = SteadyLoad(s, "twin", rate_per_s=6, partitions=PARTITIONS).start()
     try:
-        s.wait_until(lambda: len(tail.seen) >= 20, 60, "r1 converts under load")
+        s.wait_until(lambda: tail.count() >= 20, 60, "r1 converts under load")
         twin = s.bridge("r1-twin", BRIDGE_INSTANCE_ID="r1")
         s.fault("a second live process starts with BRIDGE_INSTANCE_ID=r1")
         # Neither is restarted if it exits: one of the two is expected to.
@@ -213,21 +237,10 @@ def test_two_live_processes_with_one_id_never_both_process(chaos: ChaosFactory) 
 def test_kill9_then_a_new_name_costs_session_and_transaction_timeouts(
     chaos: ChaosFactory,
 ) -> None:
-    s: Scenario = chaos(
-        "kill-9, new name (Deployment)",
-        emulator_knobs={"processing_median_s": 0.3, "processing_sigma": 0.2, "seed": 75},
-        BRIDGE_TOPIC_PARTITIONS=str(PARTITIONS),
-    )
-    _default_session_timeout(s)
-    r1 = s.bridge("r1", BRIDGE_INSTANCE_ID="r1")
-    s.ready(r1)
-    r2 = s.bridge("r2", BRIDGE_INSTANCE_ID="r2")
-    s.ready(r2)
-    owners = _balanced(s, r1, r2)
-    tail = OutcomeTail(s.rig).start()
-    load = SteadyLoad(s, "dep", rate_per_s=4, partitions=PARTITIONS).start()
+    run = _two_replicas_under_load(chaos, "kill-9, new name (Deployment)", seed=75, prefix="dep")
+    s, r1, owners, tail, load = run.s, run.r1, run.owners, run.tail, run.load
     try:
-        s.wait_until(lambda: len(tail.seen) >= 10, 30, "the load produces outcomes")
+        s.wait_until(lambda: tail.count() >= 10, 30, "the load produces outcomes")
         s.hold(2.0, "steady work before the kill")
         owned = set(owners["r1"])
         s.kill(r1)
@@ -239,8 +252,7 @@ def test_kill9_then_a_new_name_costs_session_and_transaction_timeouts(
         s.note(f"first outcome on {sorted(owned)} {took:.2f} s after kill")
         s.ready(r3)
     finally:
-        load.stop()
-        tail.stop()
+        run.stop()
     s.measure("recovery_new_name_s", took)
     print(f"recovery after kill -9 with a new name: {took} s")
     s.finish(timeout_s=120)
