@@ -18,7 +18,7 @@ import click
 from service import __version__
 from service.config import Settings, SettingsError, kafka_common_config, load_settings, redacted
 from service.errors import BridgeError
-from service.logging import configure_logging
+from service.logging import configure_logging, scrub
 
 #: Exit codes: a runtime failure (Kafka refused, a check failed) is 1; a usage or
 #: configuration error (a bad option or setting, click's own errors) is 2.
@@ -26,7 +26,8 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    # Scrubbed like a log line: an error from a library may quote a registered secret.
+    click.echo(f"error: {scrub(message)}", err=True)
     sys.exit(code)
 
 

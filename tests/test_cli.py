@@ -15,6 +15,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from service.cli import main
+from service.emulator.cli import config_from_options, emulator_command
+from service.emulator.config import EmulatorConfig
+from service.kafka.topics import TopicError
+from service.logging import register_secret
 from service.messages import DeadLetterReason
 
 API_KEY = "dtk_live_Hx7Kp2Qm9Wz4Rt6Yv1Nb"
@@ -233,3 +237,80 @@ def test_schemas_check_passes_on_the_committed_files() -> None:
     result = invoke("schemas", "--check", "--dir", str(schemas))
     assert result.exit_code == 0, result.output
     assert result.output == ""
+
+
+def test_stale_schemas_fail_with_one_line_and_exit_1(tmp_path: Path) -> None:
+    (tmp_path / "conversion_request.schema.json").write_text("{}\n")
+    line = assert_one_line_error(invoke("schemas", "--check", "--dir", str(tmp_path)), code=1)
+    assert "stale schema files" in line
+    assert not (tmp_path / "conversion_result.schema.json").exists()  # --check writes nothing
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+def test_click_usage_errors_exit_2() -> None:
+    for args in (("run", "--no-such-option"), ("no-such-command",), ("results", "--follow=x")):
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_run_exits_1_with_one_line_when_the_bridge_fails(
+    secret_env: pytest.MonkeyPatch,
+) -> None:
+    import service.app
+
+    async def failing_bridge(settings: object) -> int:
+        raise TopicError(f"topic 'requests' is missing (key {API_KEY} must not show)")
+
+    register_secret(API_KEY)
+    secret_env.setattr(service.app, "return_freed_memory", lambda: None)
+    secret_env.setattr(service.app, "run_bridge", failing_bridge)
+    result = invoke("run")
+    line = assert_one_line_error(result, code=1)
+    assert "topic 'requests' is missing" in line
+    assert_no_secret(result.output)
+
+
+def test_run_passes_the_bridge_exit_code_through(secret_env: pytest.MonkeyPatch) -> None:
+    import service.app
+
+    async def stopped_bridge(settings: object) -> int:
+        return 1  # e.g. Kafka did not close in time
+
+    secret_env.setattr(service.app, "return_freed_memory", lambda: None)
+    secret_env.setattr(service.app, "run_bridge", stopped_bridge)
+    assert invoke("run").exit_code == 1
+
+
+# --------------------------------------------------------------------------- emulator
+
+
+def test_emulator_options_map_onto_the_emulator_config() -> None:
+    ctx = emulator_command.make_context(
+        "emulator",
+        ["--rate-limit-per-minute", "30", "--processing-median-for", "invoice=3", "--seed", "7"],
+    )
+    knobs = {
+        k: v for k, v in ctx.params.items() if k not in ("host", "port", "access_log", "log_level")
+    }
+    config = config_from_options(**knobs)
+    assert config.rate_limit_per_minute == 30
+    assert config.processing_median_s_by_type == {"invoice": 3.0}
+    assert config.seed == 7
+    defaults = emulator_command.make_context("emulator", []).params
+    plain = config_from_options(
+        **{
+            k: v
+            for k, v in defaults.items()
+            if k not in ("host", "port", "access_log", "log_level")
+        }
+    )
+    # Option defaults are the config's own (0 = no rate limit, every webhook event).
+    assert plain == EmulatorConfig()
+
+
+def test_emulator_option_combinations_the_config_refuses_are_usage_errors() -> None:
+    with pytest.raises(click.UsageError):
+        config_from_options(processing_median_s=-1.0)

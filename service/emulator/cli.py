@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from typing import Any
 
 import click
 import structlog
@@ -353,42 +354,13 @@ def _bind(host: str, port: int) -> socket.socket:
     help="Level of the emulator's and uvicorn's logs.",
 )
 def emulator_command(
+    *,
     host: str,
     port: int,
     api_keys: tuple[str, ...],
-    max_upload_bytes: int,
-    url_download_timeout_s: float,
-    rate_limit_per_minute: int,
-    rate_limit_per_hour: int,
-    rate_limit_per_day: int,
-    rate_limit_hour_window_s: float,
-    rate_limit_day_window_s: float,
-    rate_limit_scope: str,
-    rate_limit_algorithm: str,
-    monthly_quota: int | None,
-    monthly_quota_period_s: float | None,
-    processing_median_s: float,
-    processing_sigma: float,
-    medians_by_type: dict[str, float],
-    enqueued_fraction: float,
-    processing_give_up_s: float,
-    error_rate: float,
-    fault_500_rate: float,
-    slow_response_rate: float,
-    slow_response_s: float,
-    webhook_urls: tuple[str, ...],
-    webhook_events: tuple[str, ...],
-    webhook_drop_rate: float,
-    webhook_duplicate_rate: float,
-    webhook_delay_s: float,
-    webhook_max_attempts: int,
-    webhook_retry_delay_s: float,
-    webhook_timeout_s: float,
-    seed: int,
-    finished_ttl_s: float,
-    public_base_url: str | None,
     access_log: bool,
     log_level: str,
+    **knobs: Any,
 ) -> None:
     """Run the local DocuTray API emulator (same paths, bodies and errors as the real API).
 
@@ -400,48 +372,36 @@ def emulator_command(
     knob. Webhook faults (drop, duplicate) are seeded like every other draw.
     """
     _configure_logging(log_level, api_keys)
-    try:
-        config = EmulatorConfig.model_validate(
-            {
-                "api_keys": list(api_keys),
-                "max_upload_bytes": max_upload_bytes,
-                "url_download_timeout_s": url_download_timeout_s,
-                "rate_limit_per_minute": rate_limit_per_minute or None,
-                "rate_limit_per_hour": rate_limit_per_hour or None,
-                "rate_limit_per_day": rate_limit_per_day or None,
-                "rate_limit_hour_window_s": rate_limit_hour_window_s,
-                "rate_limit_day_window_s": rate_limit_day_window_s,
-                "monthly_quota": monthly_quota,
-                "monthly_quota_period_s": monthly_quota_period_s,
-                "rate_limit_scope": rate_limit_scope,
-                "rate_limit_algorithm": rate_limit_algorithm,
-                "processing_median_s": processing_median_s,
-                "processing_sigma": processing_sigma,
-                "processing_median_s_by_type": medians_by_type,
-                "enqueued_fraction": enqueued_fraction,
-                "processing_give_up_s": processing_give_up_s,
-                "error_rate": error_rate,
-                "fault_500_rate": fault_500_rate,
-                "slow_response_rate": slow_response_rate,
-                "slow_response_s": slow_response_s,
-                "webhook_urls": list(webhook_urls),
-                "webhook_events": list(webhook_events) or list(WEBHOOK_EVENTS),
-                "webhook_drop_rate": webhook_drop_rate,
-                "webhook_duplicate_rate": webhook_duplicate_rate,
-                "webhook_delay_s": webhook_delay_s,
-                "webhook_max_attempts": webhook_max_attempts,
-                "webhook_retry_delay_s": webhook_retry_delay_s,
-                "webhook_timeout_s": webhook_timeout_s,
-                "seed": seed,
-                "finished_ttl_s": finished_ttl_s,
-                "public_base_url": public_base_url,
-            }
-        )
-    except ValidationError as exc:
-        raise click.UsageError(str(exc)) from exc
+    config = config_from_options(api_keys=api_keys, **knobs)
     if not config.api_keys:
         click.echo("warning: no --api-key given; every API call will get 401", err=True)
+    _serve(config, host=host, port=port, access_log=access_log, log_level=log_level)
 
+
+def config_from_options(**options: Any) -> EmulatorConfig:
+    """The `EmulatorConfig` the command's options describe (a bad combination is a usage error).
+
+    Options are named like the config's fields, except that 0 switches a rate limit
+    off (None in the config), no ``--webhook-event`` means all three, and the
+    per-type medians arrive as ``medians_by_type``.
+    """
+    values = {
+        name: list(value) if isinstance(value, tuple) else value for name, value in options.items()
+    }
+    values["processing_median_s_by_type"] = values.pop("medians_by_type", {})
+    for name in ("rate_limit_per_minute", "rate_limit_per_hour", "rate_limit_per_day"):
+        values[name] = values.get(name) or None
+    values["webhook_events"] = values.get("webhook_events") or list(WEBHOOK_EVENTS)
+    try:
+        return EmulatorConfig.model_validate(values)
+    except ValidationError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def _serve(
+    config: EmulatorConfig, *, host: str, port: int, access_log: bool, log_level: str
+) -> None:
+    """Bind, print the one `emulator listening on ...` line, and serve until stopped."""
     sock = _bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
