@@ -31,13 +31,12 @@ import contextlib
 import gc
 import json
 import operator
-import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from confluent_kafka import (
@@ -59,106 +58,35 @@ from service.dedupe import (
     judge_resend,
     parse_dedupe_value,
 )
-from service.errors import BridgeError
 from service.intake import (
-    DEFAULT_MAX_HEADER_BYTES,
     Accepted,
     RawHeader,
     Rejected,
     original_record,
     parse_record,
 )
+from service.kafka.calls import LOOKUP_TIMEOUT_S, Calls
+from service.kafka.effects import (
+    Channel,
+    Effect,
+    EngineHooks,
+    OutRecord,
+    committed,
+    dead_letter_out,
+    fail,
+)
+from service.kafka.errors import CallHung, FatalKafkaError, StaleEffect
 from service.kafka.restore import StateReader
+from service.kafka.settings import KafkaErrorLog, KafkaSettings
 from service.messages import (
-    DeadLetter,
     DeadLetterReason,
     OriginalRecord,
     utcnow,
 )
-from service.outcomes import DEFAULT_DEAD_LETTER_BYTES, build_dead_letter, dead_letter_record
-from service.pending import DocumentAt, Entry, Unreadable, entries_from_values, new_entry
+from service.outcomes import build_dead_letter
+from service.pending import DocumentAt, Entry, entries_from_values, new_entry
 
 log = structlog.get_logger(__name__)
-
-#: Headers are carried from the input record to every output record.
-Headers = list[tuple[str, str | bytes | None]]
-
-
-class FatalKafkaError(BridgeError):
-    """The producer was fenced or Kafka failed in a way this process cannot recover from."""
-
-
-class StaleEffect(BridgeError):
-    """An effect for a partition this replica no longer owns (or that was reset): dropped."""
-
-
-@dataclass(slots=True)
-class OutRecord:
-    """One record to produce inside the next transaction."""
-
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: Headers | None = None
-    partition: int | None = None
-    #: Told the record's offset once the broker has it (before the commit).
-    delivered: Callable[[int], None] | None = None
-
-
-@dataclass(slots=True)
-class Effect:
-    """Records that must become durable together, for one partition's entry."""
-
-    partition: int
-    epoch: int
-    records: list[OutRecord]
-    #: Request id whose pending record this effect tombstones (removes from the dedupe set).
-    finishes: str | None = None
-    #: Called in the event loop after the commit (metrics, adopting new entries).
-    on_commit: Callable[[], None] | None = None
-    future: asyncio.Future[None] | None = None
-    dead_letter_reason: str | None = None
-    result: bool = False
-    #: Records that need the offsets of `records` (produced after those are delivered).
-    late: Callable[[], list[OutRecord]] | None = None
-
-
-@dataclass(slots=True)
-class KafkaSettings:
-    """What the Kafka edge needs to know (a slice of service.config.Settings)."""
-
-    common: dict[str, Any]
-    group_id: str
-    instance_id: str
-    input_topic: str
-    result_topic: str
-    dead_letter_topic: str
-    changelog_topic: str
-    documents_topic: str
-    dedupe_topic: str
-    dedupe_window_s: float
-    commit_interval_s: float
-    max_pending: int
-    #: Backpressure: bytes the pending entries may hold (BRIDGE_MEMORY_BUDGET_MB's share).
-    max_pending_bytes: int
-    #: The producer's message.max.bytes (the largest topic limit the bridge writes to).
-    producer_max_bytes: int
-    max_request_bytes: int
-    max_document_bytes: int
-    restore_timeout_s: float = 120.0
-    transaction_timeout_ms: int = 60_000
-    #: BRIDGE_MAX_HEADER_BYTES: a record's key, and its headers together, at most this.
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
-    #: The largest dead letter the dead-letter topic takes (its record limit).
-    dead_letter_max_bytes: int = DEFAULT_DEAD_LETTER_BYTES
-    #: Commit once the batch's records hold this many bytes (memory).
-    max_batch_bytes: int = 32 * 1024 * 1024
-    #: How long a revoke waits for submits in flight on the revoked partitions.
-    revoke_grace_s: float = 15.0
-    #: Join with group.instance.id = instance_id (only when that id is stable across restarts).
-    static_membership: bool = False
-    extra_consumer: dict[str, Any] = field(default_factory=dict)
-    extra_producer: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -168,111 +96,6 @@ class _Restoring:
     ends: dict[str, int]
     since: float
     reported: float = 0.0
-
-
-class EngineHooks:
-    """What the Kafka thread tells the asyncio engine (each runs in the event loop)."""
-
-    def adopt(
-        self,
-        partition: int,
-        epoch: int,
-        entries: list[Entry],
-        unreadable: list[Unreadable] | None = None,
-    ) -> None:
-        """Take over pending entries of a partition (after restore, or newly accepted).
-
-        `unreadable` changelog records must be dead-lettered, never dropped.
-        """
-        raise NotImplementedError
-
-    def drop(self, partition: int) -> None:
-        """Forget everything of a partition (revoked, lost, or being reset)."""
-        raise NotImplementedError
-
-    def quiesce(self, partitions: list[int], done: threading.Event) -> None:
-        """Start no new submit on `partitions`; set `done` once none is in flight there."""
-        done.set()
-
-    def fatal(self, exc: BaseException) -> None:
-        """The Kafka thread stopped on an unrecoverable error."""
-        raise NotImplementedError
-
-
-class KafkaErrorLog:
-    """librdkafka's error callback: every client error becomes a structured log event.
-
-    Authentication failures get their own event and say what to fix; the last
-    error is kept so that a start-up failure can name its cause.
-    """
-
-    def __init__(self, client: str) -> None:
-        self.client = client
-        self.last: str | None = None
-        self.auth_failed = False
-
-    def __call__(self, err: KafkaError) -> None:
-        self.last = err.str()
-        if err.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
-            self.auth_failed = True
-            log.error(
-                "kafka_authentication_failed",
-                client=self.client,
-                error=err.str(),
-                action="Kafka refused the credentials: check KAFKA_SASL_USERNAME / "
-                "KAFKA_SASL_PASSWORD (the Secret) and KAFKA_SASL_MECHANISM",
-            )
-        elif err.fatal():
-            log.critical("kafka_fatal_error", client=self.client, error=err.str())
-        else:
-            log.warning(
-                "kafka_client_error",
-                client=self.client,
-                error=err.str(),
-                action="librdkafka retries by itself; check the brokers if it persists",
-            )
-
-
-class KafkaEdge(Protocol):
-    """What the engine asks of the Kafka side: a :class:`Channel`, or a test's fake."""
-
-    def submit(self, effect: Effect) -> None:
-        """Queue an effect for the next transaction."""
-
-    def pause(self, reason: str) -> None:
-        """Stop fetching input for `reason` (systemic error, shutdown)."""
-
-    def resume(self, reason: str) -> None:
-        """Lift a pause reason; fetching resumes when no reason is left."""
-
-
-class Channel:
-    """Engine to Kafka thread: effects and pause reasons, in the order given (thread-safe).
-
-    Made before both sides, so that neither needs the other to exist first.
-    """
-
-    def __init__(self) -> None:
-        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-
-    def submit(self, effect: Effect) -> None:
-        """Queue an effect for the next transaction."""
-        self._commands.put(("effect", effect))
-
-    def pause(self, reason: str) -> None:
-        """Stop fetching input for `reason` (systemic error, shutdown)."""
-        self._commands.put(("pause", reason))
-
-    def resume(self, reason: str) -> None:
-        """Lift a pause reason; fetching resumes when no reason is left."""
-        self._commands.put(("resume", reason))
-
-    def take(self) -> tuple[str, Any] | None:
-        """The next command, or None when there is none (the Kafka thread's side)."""
-        try:
-            return self._commands.get_nowait()
-        except queue.Empty:
-            return None
 
 
 class KafkaIO:
@@ -290,6 +113,7 @@ class KafkaIO:
         self._loop = loop
         self._hooks = hooks
         self._channel = channel
+        self._calls = Calls(retry_limit_ms=settings.transaction_timeout_ms, beat=self._beat)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kafka-io", daemon=True)
         self._batch: list[Effect] = []
@@ -419,39 +243,12 @@ class KafkaIO:
             }
         )
         producer = self._producer
-        self._retrying(
+        self._calls.retrying(
             "init_transactions",
-            lambda: self._bounded("init_transactions", lambda: producer.init_transactions(30)),
+            lambda: self._calls.bounded(
+                "init_transactions", lambda: producer.init_transactions(30)
+            ),
         )
-
-    def _bounded(self, what: str, call: Callable[[], Any]) -> Any:
-        """Run a librdkafka call that may never return, beating; _CallHung past the limit.
-
-        librdkafka's send_offsets_to_transaction waits without a deadline for its result,
-        whatever timeout it is given: when the transaction coordinator's broker goes away
-        at the wrong moment it blocks forever (seen on a three-broker cluster). The call
-        runs on a helper thread so that this thread can give up on it.
-        """
-        box: dict[str, Any] = {}
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                box["value"] = call()
-            except BaseException as exc:  # handed to the Kafka thread below
-                box["error"] = exc
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name=f"kafka-{what}", daemon=True).start()
-        deadline = time.monotonic() + _CALL_LIMIT_S
-        while not done.wait(0.5):
-            self._beat()
-            if time.monotonic() > deadline:
-                raise _CallHung(f"{what} did not return within {_CALL_LIMIT_S:.0f} s")
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
 
     def _replace_producer(self, reason: str) -> None:
         """Leave a stuck producer behind and carry on with a new one (same transactional id)."""
@@ -586,9 +383,7 @@ class KafkaIO:
         )
 
     def _fail(self, effect: Effect, exc: BaseException) -> None:
-        fut = effect.future
-        if fut is not None:
-            self._loop.call_soon_threadsafe(_set_exception, fut, exc)
+        fail(self._loop, effect, exc)
 
     # ---- pause / backpressure ----
 
@@ -906,40 +701,6 @@ class KafkaIO:
         assert self._producer is not None
         return self._producer
 
-    def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
-        """Run a Kafka call, retrying retriable errors with backoff within the transaction timeout.
-
-        Fatal errors (fenced, authentication) raise FatalKafkaError; abortable ones are
-        re-raised for the caller's abort path. Nothing retriable ever ends the process.
-        """
-        deadline = time.monotonic() + self._s.transaction_timeout_ms / 1000
-        delay = 0.1
-        while True:
-            self._beat()
-            try:
-                return call()
-            except KafkaException as exc:
-                kerr: KafkaError = exc.args[0]
-                if kerr.fatal():
-                    raise FatalKafkaError(f"{what} failed: {kerr.str()}") from None
-                if kerr.txn_requires_abort() or not _retriable(kerr):
-                    raise
-                if time.monotonic() > deadline:
-                    raise FatalKafkaError(
-                        f"{what} still failing after {self._s.transaction_timeout_ms} ms: "
-                        f"{kerr.str()}"
-                    ) from None
-                metrics.KAFKA_RETRIES.labels(what).inc()
-                log.warning(
-                    "kafka_call_retry",
-                    call=what,
-                    error=kerr.str(),
-                    retry_in_s=round(delay, 2),
-                    action="none: retried; check the brokers if it persists",
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
     def _commit(self) -> None:
         """One transaction: every batched record plus the consumer positions (steps 3-5)."""
         batch, self._batch = self._batch, []
@@ -948,7 +709,7 @@ class KafkaIO:
         self._last_commit = time.monotonic()
         producer = self._producer_()
         try:
-            self._retrying("begin_transaction", producer.begin_transaction)
+            self._calls.retrying("begin_transaction", producer.begin_transaction)
             for eff in batch:
                 for rec in eff.records:
                     self._produce(rec)
@@ -957,9 +718,9 @@ class KafkaIO:
             if positions:
                 assert self._consumer is not None
                 group = self._consumer.consumer_group_metadata()
-                self._retrying(
+                self._calls.retrying(
                     "send_offsets_to_transaction",
-                    lambda: self._bounded(
+                    lambda: self._calls.bounded(
                         "send_offsets_to_transaction",
                         lambda: producer.send_offsets_to_transaction(positions, group, 30),
                     ),
@@ -967,21 +728,21 @@ class KafkaIO:
             # Not bounded like the offsets: a commit given up on might still complete, and
             # writing its effects again would publish them twice. A stuck commit is left to
             # the watchdog (the process restarts and restores from Kafka).
-            self._retrying("commit_transaction", lambda: producer.commit_transaction(30))
+            self._calls.retrying("commit_transaction", lambda: producer.commit_transaction(30))
         except KafkaException as exc:
             kerr: KafkaError = exc.args[0]
             if kerr.fatal():
                 raise FatalKafkaError(f"transaction failed: {kerr.str()}") from None
             self._abort(batch, kerr.str())  # anything else: abort and rebuild from Kafka
             return
-        except _CallHung as hung:
+        except CallHung as hung:
             self._replace_producer(str(hung))
             self._retry_or_reset(batch, str(hung))
             return
         metrics.TRANSACTIONS.labels("committed").inc()
         self._aborts_in_a_row = 0
         for eff in batch:
-            self._loop.call_soon_threadsafe(_committed, eff)
+            self._loop.call_soon_threadsafe(committed, eff)
 
     def _positions(self) -> list[TopicPartition]:
         """Where every assigned partition resumes: an offset for each (zombie fencing applies)."""
@@ -990,7 +751,7 @@ class KafkaIO:
         if not assignment:
             return []
         positions = []
-        for tp in self._retrying("position", lambda: self._consumer_().position(assignment)):
+        for tp in self._calls.retrying("position", lambda: self._consumer_().position(assignment)):
             if tp.offset < 0:
                 tp.offset = self._base_offsets.get(tp.partition, -1)
             if tp.offset >= 0:
@@ -1011,7 +772,9 @@ class KafkaIO:
         the state of every assigned partition from what is durable.
         """
         try:
-            self._retrying("abort_transaction", lambda: self._producer_().abort_transaction(30))
+            self._calls.retrying(
+                "abort_transaction", lambda: self._producer_().abort_transaction(30)
+            )
         except KafkaException as abort_exc:
             raise FatalKafkaError(f"abort failed: {abort_exc.args[0].str()}") from None
         self._retry_or_reset(batch, error)
@@ -1122,16 +885,16 @@ class KafkaIO:
             self._pending[p] = {}
         consumer = self._consumer_()
         tps = [TopicPartition(self._s.input_topic, p) for p in parts]
-        committed: list[TopicPartition] = self._retrying(
-            "committed", lambda: consumer.committed(tps, timeout=_LOOKUP_TIMEOUT_S)
+        committed: list[TopicPartition] = self._calls.retrying(
+            "committed", lambda: consumer.committed(tps, timeout=LOOKUP_TIMEOUT_S)
         )
         for tp in committed:
             offset = tp.offset
             if offset < 0:
-                low: int = self._retrying(
+                low: int = self._calls.retrying(
                     "get_watermark_offsets",
                     partial(
-                        lambda t: consumer.get_watermark_offsets(t, timeout=_LOOKUP_TIMEOUT_S)[0],
+                        lambda t: consumer.get_watermark_offsets(t, timeout=LOOKUP_TIMEOUT_S)[0],
                         tp,
                     ),
                 )
@@ -1143,9 +906,9 @@ class KafkaIO:
                 consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         reader = self._state_reader()
         ends: dict[str, dict[int, int]] = {
-            topic: self._retrying(
+            topic: self._calls.retrying(
                 "high_watermarks",
-                partial(reader.high_watermarks, topic, parts, _LOOKUP_TIMEOUT_S, self._beat),
+                partial(reader.high_watermarks, topic, parts, LOOKUP_TIMEOUT_S, self._beat),
             )
             for topic in self._state_topics()
         }
@@ -1171,9 +934,9 @@ class KafkaIO:
         waiting = sorted(self._restoring)
         reader = self._state_reader()
         stable: dict[str, dict[int, int]] = {
-            topic: self._retrying(
+            topic: self._calls.retrying(
                 "stable_offsets",
-                partial(reader.stable_offsets, topic, waiting, _LOOKUP_TIMEOUT_S, self._beat),
+                partial(reader.stable_offsets, topic, waiting, LOOKUP_TIMEOUT_S, self._beat),
             )
             for topic in self._state_topics()
         }
@@ -1315,66 +1078,5 @@ class KafkaIO:
             log.warning("kafka_stats_unreadable")
 
 
-#: A transactional call that has not returned after this long is taken for stuck.
-_CALL_LIMIT_S = 45.0
-
-
-class _CallHung(Exception):
-    """A librdkafka call did not return in time (see KafkaIO._bounded)."""
-
-
 #: Aborted transactions whose effects are written again before the state is rebuilt instead.
 _ABORT_RETRIES = 2
-
-#: One look-up (offsets, watermarks) waits this long at most; _retrying tries again, beating.
-_LOOKUP_TIMEOUT_S = 10.0
-
-#: Errors that pass with time (leadership moves, coordinators load, brokers restart), whether
-#: or not librdkafka flags them retriable (look-ups such as watermarks never do).
-_RETRIABLE_CODES = frozenset(
-    {
-        KafkaError._TIMED_OUT,
-        KafkaError._TRANSPORT,
-        KafkaError._ALL_BROKERS_DOWN,
-        KafkaError._WAIT_COORD,
-        KafkaError._UNKNOWN_PARTITION,
-        KafkaError.REQUEST_TIMED_OUT,
-        KafkaError.NOT_LEADER_FOR_PARTITION,
-        KafkaError.LEADER_NOT_AVAILABLE,
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError.NOT_COORDINATOR,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-        KafkaError.CONCURRENT_TRANSACTIONS,
-        KafkaError.NOT_ENOUGH_REPLICAS,
-        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
-        KafkaError.REBALANCE_IN_PROGRESS,
-    }
-)
-
-
-def dead_letter_out(topic: str, letter: DeadLetter) -> OutRecord:
-    """The record of `letter` on the dead-letter topic (bounded JSON, whole headers only)."""
-    key, value, headers = dead_letter_record(letter)
-    return OutRecord(topic, key, value, headers)
-
-
-def _retriable(kerr: KafkaError) -> bool:
-    return bool(kerr.retriable()) or kerr.code() in _RETRIABLE_CODES
-
-
-def _set_exception(fut: asyncio.Future[None], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
-
-
-def _committed(effect: Effect) -> None:
-    if effect.result:
-        metrics.RESULTS.inc()
-    if effect.dead_letter_reason is not None:
-        metrics.DEAD_LETTERS.labels(effect.dead_letter_reason).inc()
-    if effect.on_commit is not None:
-        effect.on_commit()
-    fut = effect.future
-    if fut is not None and not fut.done():
-        fut.set_result(None)

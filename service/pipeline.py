@@ -54,15 +54,9 @@ from service.docutray import (
 )
 from service.fetch import FetchError, TransientFetchError, fetch_document
 from service.intake import Accepted, original_record
+from service.kafka.effects import Effect, EngineHooks, KafkaEdge, OutRecord, dead_letter_out
+from service.kafka.errors import StaleEffect
 from service.kafka.topics import documents_topic, record_bytes
-from service.kafkaio import (
-    Effect,
-    EngineHooks,
-    KafkaEdge,
-    OutRecord,
-    StaleEffect,
-    dead_letter_out,
-)
 from service.messages import DeadLetterReason, OriginalRecord, PendingRecord, utcnow
 from service.outcomes import (
     DEFAULT_DEAD_LETTER_BYTES,
