@@ -21,10 +21,9 @@ import asyncio
 import base64
 import json
 import os
-import secrets
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,44 +31,21 @@ import httpx
 import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from service.devkit.processes import EmulatorProcess  # noqa: E402 - after the path fix
+
 PDF = b"%PDF-1.4\n%bench\n"
 
 
-def start_emulator(api_key: str) -> tuple[subprocess.Popen[bytes], str]:
-    env = {**os.environ, "EMULATOR_API_KEYS": api_key}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.emulator",
-            "--port",
-            "0",
-            "--processing-median-s",
-            "0.5",
-            "--finished-ttl-s",
-            "3600",
-        ],
+def start_emulator(workdir: Path) -> EmulatorProcess:
+    """One emulator (no rate limit, finished conversions kept an hour)."""
+    return EmulatorProcess(
+        log_path=workdir / "emulator.log",
+        args=["--processing-median-s", "0.5", "--finished-ttl-s", "3600"],
         cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode().strip()
-    if not line.startswith("emulator listening on "):
-        proc.kill()
-        raise SystemExit(f"emulator did not start: {line!r}")
-    base_url = line.rsplit(" ", 1)[1]
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                return proc, base_url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("emulator not healthy in time")
+    ).start()
 
 
 def _cpu_s(process: psutil.Process) -> float:
@@ -180,25 +156,23 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
-    api_key = f"bench-{secrets.token_hex(8)}"
-    proc, base_url = start_emulator(api_key)
+    emulator = start_emulator(Path(tempfile.mkdtemp(prefix="emulator-status-rps-")))
     try:
         result = asyncio.run(
             hammer(
-                base_url,
-                api_key,
+                emulator.base_url,
+                emulator.api_key,
                 conversions=args.conversions,
                 concurrency=args.concurrency,
                 duration_s=args.duration_s,
-                server=psutil.Process(proc.pid),
+                server=psutil.Process(emulator.pid),
                 client_kind=args.client,
             )
         )
         result["concurrency"] = args.concurrency
         result["cpus"] = os.cpu_count() or 0
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        emulator.stop()
     if args.json:
         print(json.dumps(result))
         return

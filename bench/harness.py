@@ -33,8 +33,10 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from service.config import Settings
+from service.devkit.outcomes import OutcomeCollector
 from service.devkit.ports import free_port
 from service.devkit.processes import BridgeProcess, EmulatorProcess, running_redis
+from service.devkit.producing import PacedProducer, Record
 from service.kafka.topics import dedupe_topic, documents_topic, topic_specs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -271,6 +273,54 @@ class Run:
         return BridgeProcess(name, env, self.workdir / f"{name}.log", port, cwd=REPO)
 
 
+@dataclass
+class Contender:
+    """One emulator, one run's topics, a bridge replica ``r1`` (not started yet) and an
+    outcome reader (not started yet) for one measured contender."""
+
+    emulator: EmulatorProcess
+    run: Run
+    bridge: BridgeProcess
+    collector: OutcomeCollector
+
+    def start(self, ready_timeout_s: float = 120) -> float:
+        """Start the bridge, wait until it is ready, start reading outcomes; the seconds the
+        bridge took to be ready."""
+        self.bridge.start()
+        ready_s = self.bridge.wait_ready(ready_timeout_s)
+        self.collector.start()
+        return ready_s
+
+
+@contextlib.contextmanager
+def contender(
+    ctx: Context,
+    label: str,
+    *,
+    emulator_args: list[str],
+    env: dict[str, str],
+    topic_configs: dict[str, dict[str, str]] | None = None,
+) -> Iterator[Contender]:
+    """A :class:`Contender` on fresh topics (created here); on the way out the reader, the
+    bridge and the emulator stop and the run's topics are deleted."""
+    emulator = EmulatorProcess(
+        log_path=ctx.workdir / f"emulator-{label}.log", args=emulator_args, cwd=REPO
+    ).start()
+    run = Run.new(ctx.bootstrap, label, ctx.workdir)
+    collector = OutcomeCollector(ctx.bootstrap, [run.result_topic, run.dead_letter_topic])
+    entrant = Contender(emulator, run, run.bridge("r1", emulator, **env), collector)
+    try:
+        run.create_topics(configs=topic_configs)
+        yield entrant
+    finally:
+        collector.stop()
+        if entrant.bridge.alive:
+            entrant.bridge.stop_timed(30)
+        emulator.stop()
+        with contextlib.suppress(Exception):
+            run.delete_topics()
+
+
 # --------------------------------------------------------------------------- requests
 
 
@@ -347,24 +397,19 @@ def paced_produce(
     document_b64: str,
     content_type: str,
 ) -> None:
-    """Produce the requests at a steady rate (each stamped when produced)."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
-    started = time.monotonic()
-    for i, rid in enumerate(ids):
-        due = started + i / rate_per_s
-        delay = due - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)  # wait-ok: pacing the offered load
-        producer.produce(
-            topic,
-            key=rid.encode(),
-            value=request_value(
-                rid, document_b64=document_b64, content_type=content_type, produced_at=time.time()
-            ),
+    """Produce the requests at a steady rate (each stamped when produced); returns once all
+    are delivered."""
+
+    def make(i: int) -> Record:
+        value = request_value(
+            ids[i], document_b64=document_b64, content_type=content_type, produced_at=time.time()
         )
-        producer.poll(0)
-    if producer.flush(30):
-        raise RuntimeError(f"requests not delivered to {topic}")
+        return ids[i], value, None
+
+    producer = PacedProducer(
+        bootstrap, topic, make, rate_per_s=rate_per_s, count=len(ids), config={"linger.ms": 0}
+    )
+    producer.start().finish(len(ids) / rate_per_s + 60)
 
 
 # --------------------------------------------------------------------------- Redis

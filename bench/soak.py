@@ -39,7 +39,6 @@ import itertools
 import json
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,7 +48,6 @@ from typing import Any
 
 import httpx
 import psutil
-from confluent_kafka import Producer
 
 from bench.harness import (
     REPO,
@@ -62,6 +60,7 @@ from service import samples
 from service.devkit.history import GOOD, Observed, check_history
 from service.devkit.outcomes import OutcomeCollector
 from service.devkit.processes import BridgeProcess, EmulatorProcess, RedisServer
+from service.devkit.producing import PacedProducer, Record
 from service.devkit.waiting import wait_until
 
 MIB = 1024 * 1024
@@ -139,54 +138,18 @@ def memory_verdict(
 # --------------------------------------------------------------------------- moving parts
 
 
-class PacedProducer:
-    """Produces `soak-N` requests at a steady rate in a thread until stopped."""
+def soak_load(bootstrap: str, topic: str, *, rate_per_s: float) -> PacedProducer:
+    """`soak-N` requests (a small base64 PDF each, stamped when produced) at a steady rate."""
+    document = b64(samples.pdf("Soak invoice"))
 
-    def __init__(self, bootstrap: str, topic: str, *, rate_per_s: float) -> None:
-        self.topic = topic
-        self.rate_per_s = rate_per_s
-        self.sent: list[str] = []
-        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-        self._document = b64(samples.pdf("Soak invoice"))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="producer", daemon=True)
+    def make(n: int) -> Record:
+        rid = f"soak-{n}"
+        value = request_value(
+            rid, document_b64=document, content_type="application/pdf", produced_at=time.time()
+        )
+        return rid, value, None
 
-    def _run(self) -> None:
-        started = time.monotonic()
-        for n in itertools.count():
-            if self._stop.is_set():
-                break
-            delay = started + n / self.rate_per_s - time.monotonic()
-            if delay > 0 and self._stop.wait(delay):
-                break
-            rid = f"soak-{n}"
-            self._producer.produce(
-                self.topic,
-                key=rid.encode(),
-                value=request_value(
-                    rid,
-                    document_b64=self._document,
-                    content_type="application/pdf",
-                    produced_at=time.time(),
-                ),
-            )
-            self.sent.append(rid)
-            self._producer.poll(0)
-
-    def start(self) -> PacedProducer:
-        self._thread.start()
-        return self
-
-    def halt(self) -> None:
-        """Stop producing (no delivery guarantee: for the error path)."""
-        self._stop.set()
-
-    def stop(self) -> None:
-        """Stop producing and wait until every request is delivered."""
-        self._stop.set()
-        self._thread.join(10)
-        if self._producer.flush(30):
-            raise RuntimeError("requests not delivered to Kafka")
+    return PacedProducer(bootstrap, topic, make, rate_per_s=rate_per_s)
 
 
 @dataclass
@@ -345,7 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     victim.wait_ready()
     reader = OutcomeCollector(bootstrap, [soak_run.result_topic, soak_run.dead_letter_topic])
     reader.start()
-    producer = PacedProducer(bootstrap, soak_run.input_topic, rate_per_s=args.rate_per_s)
+    producer = soak_load(bootstrap, soak_run.input_topic, rate_per_s=args.rate_per_s)
     sample_due = _every(args.sample_every_s, 0.0)
     soak = Soak(emulator, redis, steady, victim, producer, reader, sample_due=sample_due)
     producer.start()

@@ -23,8 +23,6 @@ import json
 import logging
 import os
 import resource
-import secrets
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,13 +32,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import structlog
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from service.devkit.processes import EmulatorProcess  # noqa: E402
 from service.docutray import DocuTrayClient, Submission  # noqa: E402
 
 MIB = 1024 * 1024
@@ -85,41 +83,13 @@ class Result:
     conversion_id: str
 
 
-def start_emulator(api_key: str, max_upload_bytes: int) -> tuple[subprocess.Popen[bytes], str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.emulator",
-            "--port",
-            "0",
-            "--api-key",
-            api_key,
-            "--max-upload-bytes",
-            str(max_upload_bytes),
-            "--processing-median-s",
-            "0.2",
-        ],
+def start_emulator(workdir: Path, max_upload_bytes: int) -> EmulatorProcess:
+    """One emulator that accepts uploads up to `max_upload_bytes`."""
+    return EmulatorProcess(
+        log_path=workdir / "emulator.log",
+        args=["--max-upload-bytes", str(max_upload_bytes), "--processing-median-s", "0.2"],
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline().decode().strip()
-    if not line.startswith("emulator listening on "):
-        process.kill()
-        raise SystemExit(f"emulator did not start: {line!r}")
-    base_url = line.rsplit(" ", 1)[1]
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                return process, base_url
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit("emulator not healthy in time")
-        time.sleep(0.05)
+    ).start()
 
 
 def make_document(directory: Path, size_bytes: int) -> Path:
@@ -170,15 +140,17 @@ async def measure(
 
 
 async def main_async(size_bytes: int, as_json: bool) -> None:
-    api_key = f"bench-{secrets.token_urlsafe(8)}"
-    process, base_url = start_emulator(api_key, max_upload_bytes=max(size_bytes, 100 * MIB))
-    me, emulator = psutil.Process(), psutil.Process(process.pid)
+    server = start_emulator(
+        Path(tempfile.mkdtemp(prefix="upload-bench-emulator-")),
+        max_upload_bytes=max(size_bytes, 100 * MIB),
+    )
+    me, emulator = psutil.Process(), psutil.Process(server.pid)
     results: list[Result] = []
     try:
         with tempfile.TemporaryDirectory(prefix="upload-bench-") as tmp:
             path = make_document(Path(tmp), size_bytes)
             async with DocuTrayClient(
-                base_url=base_url, api_key=api_key, write_timeout_s=120
+                base_url=server.base_url, api_key=server.api_key, write_timeout_s=120
             ) as client:
                 # Warm up: imports, the connection pool, the emulator's code paths.
                 await client.submit_upload(
@@ -219,8 +191,7 @@ async def main_async(size_bytes: int, as_json: bool) -> None:
 
                 results.append(await measure("control", control, client, me, emulator, size_bytes))
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        server.stop()
     max_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if as_json:
         print(

@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.devkit.processes import OpsEndpoint
 from tests.fixtures.bridge import Rig, assert_exactly_once, free_port, pdf_request, sent_ids
 from tests.fixtures.emulator import EmulatorStarter
 from tests.fixtures.stack import wait_for
@@ -162,27 +163,26 @@ class Container:
 class BridgeContainer(Container):
     metrics_port: int
 
+    @property
+    def ops(self) -> OpsEndpoint:
+        """Its ops endpoint (host networking: on loopback)."""
+        return OpsEndpoint(self.metrics_port)
+
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}{path}"
+        return self.ops.url(path)
 
     def ready(self) -> bool:
-        try:
-            return httpx.get(self.url("/readyz"), timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return self.ops.ready()
 
     def wait_ready(self, timeout_s: float = 90) -> None:
         """Wait for /readyz, failing at once (with the log) if the container exits."""
-
-        def ready() -> bool:
-            if not self.running:
-                raise AssertionError(f"container {self.name} exited:\n{self.log_tail()}")
-            return self.ready()
-
-        try:
-            wait_for(ready, timeout_s, interval_s=0.2, message=f"{self.name} ready")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+        self.ops.wait_ready(
+            timeout_s,
+            name=self.name,
+            alive=lambda: self.running,
+            tail=self.log_tail,
+            interval_s=0.2,
+        )
 
 
 @pytest.fixture

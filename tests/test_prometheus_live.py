@@ -34,6 +34,7 @@ import httpx
 import pytest
 import yaml
 
+from service.devkit.processes import stop_process
 from tests.deploy_checks import CHART, ROOT, iter_panels, load_dashboard, load_rules
 from tests.fixtures.bridge import BridgeProcess, Rig, free_port, pdf_request
 from tests.fixtures.emulator import EmulatorStarter
@@ -229,13 +230,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Prom
     yield start
     for prom in started:
         prom.client.close()
-        if prom.proc.poll() is None:
-            prom.proc.terminate()
-            try:
-                prom.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                prom.proc.kill()
-                prom.proc.wait(5)
+        stop_process(prom.proc, timeout_s=15)
 
 
 # --- dashboard queries -------------------------------------------------------------------

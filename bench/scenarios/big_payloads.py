@@ -41,7 +41,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,15 +51,17 @@ from confluent_kafka import Producer
 from bench.harness import (
     REPO,
     Context,
+    RssSampler,
     Run,
+    contender,
     cpu_seconds,
     load_average,
     parse_ts,
 )
 from service import samples
-from service.devkit.outcomes import OutcomeCollector
 from service.devkit.processes import BridgeProcess, EmulatorProcess
 from service.devkit.waiting import wait_until
+from service.tools import read_outcomes
 
 #: The memory budget the replica of scenario 5 runs with (the chart would set it from a
 #: 300-400 MiB container limit).
@@ -82,35 +83,6 @@ def proc_status(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(rest.split()[0]) * 1024
     return out
-
-
-class VmRssSampler:
-    """Samples ``VmRSS`` of one process every `interval_s` in a thread; keeps the peak."""
-
-    def __init__(self, pid: int, *, interval_s: float = 0.25) -> None:
-        self.pid = pid
-        self.interval_s = interval_s
-        self.peak_bytes = 0
-        self.last_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vmrss", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.last_bytes = proc_status(self.pid)["VmRSS"]
-            except (OSError, KeyError):
-                return
-            self.peak_bytes = max(self.peak_bytes, self.last_bytes)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> VmRssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def mb(value: float) -> float:
@@ -196,20 +168,20 @@ def wait_ready_traced(bridge: BridgeProcess, timeout_s: float) -> dict[str, floa
     """Wait for /readyz 200; for each reason it gave for not being ready, the last moment
     (monotonic) it was given. Raises if the process exits or the deadline passes."""
     last_seen: dict[str, float] = {}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        _alive_check(bridge)
+
+    def ready() -> bool:
+        bridge.check_alive()
         try:
             response = httpx.get(bridge.url("/readyz"), timeout=2)
         except httpx.HTTPError:
             last_seen["ops endpoint not up"] = time.monotonic()
-        else:
-            if response.status_code == 200:
-                return last_seen
-            for reason in response.json().get("reasons", []):
-                last_seen[str(reason)] = time.monotonic()
-        time.sleep(0.05)  # wait-ok: polling readiness under a deadline
-    raise RuntimeError(f"bridge {bridge.name} not ready within {timeout_s:.0f} s")
+            return False
+        for reason in [] if response.status_code == 200 else response.json().get("reasons", []):
+            last_seen[str(reason)] = time.monotonic()
+        return response.status_code == 200
+
+    wait_until(ready, timeout_s, f"bridge {bridge.name} ready")
+    return last_seen
 
 
 def _log_lines(bridge: BridgeProcess) -> int:
@@ -236,11 +208,6 @@ def _timeline(bridge: BridgeProcess, skip_lines: int, t0_wall: float) -> dict[st
 
 def _pending_total(bridge: BridgeProcess) -> float:
     return bridge.metric("docutray_bridge_pending_conversions")
-
-
-def _alive_check(bridge: BridgeProcess) -> None:
-    if not bridge.alive:
-        raise RuntimeError(f"bridge {bridge.name} died:\n{bridge.log_tail()}")
 
 
 # --------------------------------------------------------------------------- scenario 5
@@ -279,12 +246,6 @@ def pending_and_restore(
     """N pending requests carrying `document` (base64 PDF) at one replica whose submit budget
     is 1/min: RSS while they arrive; then kill -9, restart under the same id, restore."""
     started = time.monotonic()
-    emulator = EmulatorProcess(
-        cwd=REPO,
-        args=["--processing-median-s", "3000", "--processing-sigma", "0.01"],
-        log_path=ctx.workdir / f"emulator-{label}.log",
-    ).start()
-    run = Run.new(ctx.bootstrap, label, ctx.workdir)
     env = {
         "BRIDGE_MEMORY_BUDGET_MB": str(budget_mb),
         "BRIDGE_SUBMIT_RATE_PER_MINUTE": "1",
@@ -292,21 +253,21 @@ def pending_and_restore(
         "BRIDGE_MAX_PENDING": str(n + 1000),
         "BRIDGE_POLL_DEFAULT_MEDIAN_S": "3000",
     }
-    bridge = run.bridge("r1", emulator, **env)
     result: dict[str, Any] = {
         "requests": n,
         "document_base64_bytes": len(document),
         "config": env,
         "load_average_before": load_average(),
     }
-    try:
-        run.create_topics()
+    emulator_args = ["--processing-median-s", "3000", "--processing-sigma", "0.01"]
+    with contender(ctx, label, emulator_args=emulator_args, env=env) as entrant:
+        emulator, run, bridge = entrant.emulator, entrant.run, entrant.bridge
         bridge.start()
         result["first_ready_s"] = round(bridge.wait_ready(120), 2)
         result["rss_mb_idle"] = mb(proc_status(bridge.pid)["VmRSS"])
         producer = big_producer(ctx.bootstrap)
         cpu0 = cpu_seconds(bridge.pid)
-        with VmRssSampler(bridge.pid) as rss:
+        with RssSampler(bridge.pid) as rss:
             t0 = time.monotonic()
             produced = 0
             for start in range(0, n, 100):
@@ -315,14 +276,14 @@ def pending_and_restore(
                     for rid in (f"{run.name}-{i:06d}" for i in range(start, min(n, start + 100)))
                 ]
                 produced += produce_values(producer, run.input_topic, chunk)
-                _alive_check(bridge)
+                bridge.check_alive()
             if producer.flush(300):
                 raise RuntimeError("requests not delivered")
             result["produce_s"] = round(time.monotonic() - t0, 1)
             result["input_value_bytes"] = produced
 
             def all_pending() -> bool:
-                _alive_check(bridge)
+                bridge.check_alive()
                 return _pending_total(bridge) >= n
 
             wait_until(all_pending, fill_deadline_s, f"{n} requests pending", interval_s=1.0)
@@ -359,7 +320,7 @@ def pending_and_restore(
         bridge.proc.kill()
         bridge.proc.wait(30)
         bridge.start()
-        with VmRssSampler(bridge.pid) as rss2:
+        with RssSampler(bridge.pid) as rss2:
             reasons = wait_ready_traced(bridge, 300)
             result["restart_kill_to_ready_s"] = round(time.monotonic() - t_kill, 2)
             result["load_average_restore"] = load_average()
@@ -369,7 +330,7 @@ def pending_and_restore(
             result["restart_timeline_s"] = _timeline(bridge, log_lines_before, t_kill_wall)
 
             def restored() -> bool:
-                _alive_check(bridge)
+                bridge.check_alive()
                 return _pending_total(bridge) >= n
 
             wait_until(restored, 120, "every pending entry restored", interval_s=0.1)
@@ -386,12 +347,6 @@ def pending_and_restore(
             result["restart_rss_mb_peak_vmhwm"] = mb(status["VmHWM"])
         result["restart_rss_mb_peak_sampled"] = mb(rss2.peak_bytes)
         result["emulator_submissions"] = emulator.stats()["submissions_accepted"]
-    finally:
-        if bridge.alive:
-            bridge.stop_timed(30)
-        emulator.stop()
-        with contextlib.suppress(Exception):
-            run.delete_topics()
     result["load_average_after"] = load_average()
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
@@ -418,12 +373,6 @@ def _write_amplification(ctx: Context, compression: str) -> dict[str, Any]:
     if data_dir is None:
         raise RuntimeError("no local broker log directory ($STACK_DIR/kafka/data) to measure")
     started = time.monotonic()
-    emulator = EmulatorProcess(
-        cwd=REPO,
-        args=["--processing-median-s", "0.5", "--processing-sigma", "0.2"],
-        log_path=ctx.workdir / "emulator-s6.log",
-    ).start()
-    run = Run.new(ctx.bootstrap, "s6", ctx.workdir)
     env = {
         "BRIDGE_MEMORY_BUDGET_MB": str(MEMORY_BUDGET_MB),
         "BRIDGE_SUBMIT_RATE_PER_MINUTE": "6000",
@@ -431,8 +380,6 @@ def _write_amplification(ctx: Context, compression: str) -> dict[str, Any]:
         "BRIDGE_RATE_BURST": "50",
         "BRIDGE_POLL_DEFAULT_MEDIAN_S": "0.5",
     }
-    bridge = run.bridge("r1", emulator, **env)
-    collector = OutcomeCollector(ctx.bootstrap, [run.result_topic, run.dead_letter_topic])
     document = document_b64()
     result: dict[str, Any] = {
         "requests": n,
@@ -441,11 +388,10 @@ def _write_amplification(ctx: Context, compression: str) -> dict[str, Any]:
         "config": env,
         "load_average_before": load_average(),
     }
-    try:
-        run.create_topics()
-        bridge.start()
-        bridge.wait_ready(120)
-        collector.start()
+    emulator_args = ["--processing-median-s", "0.5", "--processing-sigma", "0.2"]
+    with contender(ctx, "s6", emulator_args=emulator_args, env=env) as entrant:
+        run, bridge, collector = entrant.run, entrant.bridge, entrant.collector
+        entrant.start()
         producer = big_producer(ctx.bootstrap, compression=compression)
         t0 = time.monotonic()
         produced = produce_values(
@@ -459,7 +405,7 @@ def _write_amplification(ctx: Context, compression: str) -> dict[str, Any]:
         if producer.flush(120):
             raise RuntimeError("requests not delivered")
         result["input_value_bytes"] = produced
-        collector.wait_count(n, 120 + n * 2, on_wait=lambda: _alive_check(bridge))
+        collector.wait_count(n, 120 + n * 2, on_wait=bridge.check_alive)
         result["seconds_to_all_outcomes"] = round(time.monotonic() - t0, 1)
         outcomes = collector.snapshot()
         result["results"] = sum(1 for o in outcomes if o.ok)
@@ -478,13 +424,6 @@ def _write_amplification(ctx: Context, compression: str) -> dict[str, Any]:
         result["transactions_aborted"] = bridge.metric(
             "docutray_bridge_transactions_total", outcome="aborted"
         )
-    finally:
-        collector.stop()
-        if bridge.alive:
-            bridge.stop_timed(30)
-        emulator.stop()
-        with contextlib.suppress(Exception):
-            run.delete_topics()
     result["load_average_after"] = load_average()
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
@@ -496,32 +435,30 @@ def _write_amplification(ctx: Context, compression: str) -> dict[str, Any]:
 def run_result_too_large(ctx: Context) -> dict[str, Any]:
     """A 3 MB result on a results topic at 1048588, five small requests behind it."""
     started = time.monotonic()
-    emulator = EmulatorProcess(
-        cwd=REPO,
-        args=["--processing-median-s", "2", "--processing-sigma", "0.01"],
-        log_path=ctx.workdir / "emulator-s7.log",
-    ).start()
-    run = Run.new(ctx.bootstrap, "s7", ctx.workdir)
-    env = {"BRIDGE_POLL_DEFAULT_MEDIAN_S": "2"}
-    bridge = run.bridge("r1", emulator, **env)
-    collector = OutcomeCollector(ctx.bootstrap, [run.result_topic, run.dead_letter_topic])
     small_doc = base64.b64encode(samples.pdf("small")).decode("ascii")
     # Incompressible text: zstd cannot shrink the result below the topic's limit.
     echoed = base64.b64encode(os.urandom(3_000_000 * 3 // 4)).decode("ascii")
-    big_id = f"{run.name}-big"
-    small_ids = [f"{run.name}-small-{i}" for i in range(5)]
     result: dict[str, Any] = {
         "results_topic_max_message_bytes": KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
         "echoed_metadata_bytes": len(echoed),
         "load_average_before": load_average(),
     }
-    try:
-        run.create_topics(
-            configs={"results": {"max.message.bytes": str(KAFKA_DEFAULT_MAX_MESSAGE_BYTES)}}
+    with contender(
+        ctx,
+        "s7",
+        emulator_args=["--processing-median-s", "2", "--processing-sigma", "0.01"],
+        env={"BRIDGE_POLL_DEFAULT_MEDIAN_S": "2"},
+        topic_configs={"results": {"max.message.bytes": str(KAFKA_DEFAULT_MAX_MESSAGE_BYTES)}},
+    ) as entrant:
+        emulator, run, bridge, collector = (
+            entrant.emulator,
+            entrant.run,
+            entrant.bridge,
+            entrant.collector,
         )
-        bridge.start()
-        bridge.wait_ready(120)
-        collector.start()
+        big_id = f"{run.name}-big"
+        small_ids = [f"{run.name}-small-{i}" for i in range(5)]
+        entrant.start()
         producer = big_producer(ctx.bootstrap)
         items = [(big_id, big_request(big_id, small_doc, echoed=echoed))]
         items += [(rid, big_request(rid, small_doc)) for rid in small_ids]
@@ -529,7 +466,7 @@ def run_result_too_large(ctx: Context) -> dict[str, Any]:
         produce_values(producer, run.input_topic, items, partition=0)
         if producer.flush(60):
             raise RuntimeError("requests not delivered")
-        collector.wait_count(6, 120, on_wait=lambda: _alive_check(bridge))
+        collector.wait_count(6, 120, on_wait=bridge.check_alive)
         time.sleep(3.0)  # wait-ok: room for a second (wrong) outcome to show up
         outcomes = collector.snapshot()
         big = [o for o in outcomes if o.request_id == big_id]
@@ -565,49 +502,18 @@ def run_result_too_large(ctx: Context) -> dict[str, Any]:
         )
         result["emulator_status_calls"] = emulator.stats()["status_calls"]
         result["load_average_after"] = load_average()
-    finally:
-        collector.stop()
-        if bridge.alive:
-            bridge.stop_timed(30)
-        emulator.stop()
-        with contextlib.suppress(Exception):
-            run.delete_topics()
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
 
 def _dead_letter_conversion_id(run: Run, ctx: Context, request_id: str) -> str | None:
     """The conversion id in the dead letter of `request_id` (read once more, whole)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    consumer = Consumer(
-        {
-            "bootstrap.servers": ctx.bootstrap,
-            "group.id": f"{run.name}-dl-reader",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        }
-    )
-    try:
-        md = consumer.list_topics(run.dead_letter_topic, timeout=10)
-        parts = list(md.topics[run.dead_letter_topic].partitions)
-        consumer.assign([TopicPartition(run.dead_letter_topic, p, OFFSET_BEGINNING) for p in parts])
-        eof: set[int] = set()
-        deadline = time.monotonic() + 30
-        while len(eof) < len(parts) and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            if msg.error() is not None:
-                eof.add(msg.partition() or 0)
-                continue
-            body = json.loads(msg.value() or b"{}")
-            if body.get("request_id") == request_id:
-                value = body.get("conversion_id")
-                return str(value) if value else None
-    finally:
-        consumer.close()
+    for outcome in read_outcomes(
+        {"bootstrap.servers": ctx.bootstrap}, [run.dead_letter_topic], follow=False
+    ):
+        letter = outcome.dead_letter
+        if letter is not None and letter.request_id == request_id:
+            return letter.conversion_id or None
     return None
 
 

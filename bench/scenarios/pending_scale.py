@@ -17,23 +17,21 @@ calls while it submits). Measured:
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 from bench.harness import (
-    REPO,
     Context,
     RssSampler,
-    Run,
     b64,
+    contender,
     cpu_seconds,
     load_average,
     produce_requests,
     rss_bytes,
 )
 from service import samples
-from service.devkit.processes import BridgeProcess, EmulatorProcess
+from service.devkit.processes import BridgeProcess
 from service.devkit.waiting import wait_until
 
 MEDIAN_S = 3000.0
@@ -102,24 +100,13 @@ def run(ctx: Context) -> dict[str, Any]:
     """Fill the pending set, measure memory, restart, measure the restore."""
     n = 10_000 if ctx.quick else 100_000
     started = time.monotonic()
-    emulator = EmulatorProcess(
-        cwd=REPO,
-        args=[
-            "--processing-median-s",
-            str(MEDIAN_S),
-            "--processing-sigma",
-            "0.01",
-            "--finished-ttl-s",
-            "600",
-        ],
-        log_path=ctx.workdir / "emulator-s3.log",
-    ).start()
-    run_ = Run.new(ctx.bootstrap, "s3", ctx.workdir)
     env = {**BRIDGE_ENV, "BRIDGE_MAX_PENDING": str(n + 10_000)}
-    bridge = run_.bridge("r1", emulator, **env)
     result: dict[str, Any] = {"requests": n, "config": env, "load_average_before": load_average()}
-    try:
-        run_.create_topics()
+    emulator_args = ["--processing-median-s", str(MEDIAN_S), "--processing-sigma", "0.01"]
+    with contender(
+        ctx, "s3", emulator_args=[*emulator_args, "--finished-ttl-s", "600"], env=env
+    ) as entrant:
+        emulator, run_, bridge = entrant.emulator, entrant.run, entrant.bridge
         t0 = time.monotonic()
         produce_requests(
             ctx.bootstrap,
@@ -137,8 +124,7 @@ def run(ctx: Context) -> dict[str, Any]:
             cpu_ready = cpu_seconds(bridge.pid)
 
             def all_submitted() -> bool:
-                if not bridge.alive:
-                    raise RuntimeError(f"bridge died:\n{bridge.log_tail()}")
+                bridge.check_alive()
                 return _pending(bridge, "submitted") >= n
 
             wait_until(all_submitted, 60 + n / 20, f"{n} conversions submitted", interval_s=1.0)
@@ -179,12 +165,6 @@ def run(ctx: Context) -> dict[str, Any]:
         result["restart_rss_mb_peak"] = round(rss2.peak_bytes / 2**20, 1)
         code, stop_s = bridge.stop_timed(60)
         result["second_stop_exit_code"] = code
-    finally:
-        if bridge.alive:
-            bridge.stop_timed(20)
-        emulator.stop()
-        with contextlib.suppress(Exception):
-            run_.delete_topics()
     result["load_average_after"] = load_average()
     result["footprint"] = entry_footprint()
     result["seconds"] = round(time.monotonic() - started, 1)

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import (
-    REPO,
     Context,
     PySpy,
-    Run,
     b64,
+    contender,
     cpu_seconds,
     load_average,
     produce_requests,
@@ -34,8 +33,6 @@ from bench.harness import (
     summarize_profile,
 )
 from service import samples
-from service.devkit.outcomes import OutcomeCollector
-from service.devkit.processes import EmulatorProcess
 
 WARMUP_REQUESTS = 200
 
@@ -52,29 +49,23 @@ BRIDGE_ENV = {
 
 def measure(ctx: Context, n: int, *, profile_to: Path | None = None) -> dict[str, Any]:
     """One bridge replica, `n` requests after a warm-up; optionally under py-spy."""
-    emulator = EmulatorProcess(
-        cwd=REPO,
-        args=["--processing-median-s", "0.001", "--processing-sigma", "0"],
-        log_path=ctx.workdir / "emulator-s2.log",
-    ).start()
-    run = Run.new(ctx.bootstrap, "s2", ctx.workdir)
-    bridge = run.bridge("r1", emulator, **BRIDGE_ENV)
     document = b64(samples.pdf("Invoice"))
-    collector: OutcomeCollector | None = None
-    try:
-        run.create_topics()
-        bridge.start()
-        ready_s = bridge.wait_ready(120)
-        collector = OutcomeCollector(
-            ctx.bootstrap, [run.result_topic, run.dead_letter_topic]
-        ).start()
-        produce_requests(
-            ctx.bootstrap,
-            run.input_topic,
-            [f"{run.name}-warm-{i:05d}" for i in range(WARMUP_REQUESTS)],
-            document_b64=document,
-            content_type="application/pdf",
-        )
+    emulator_args = ["--processing-median-s", "0.001", "--processing-sigma", "0"]
+    with contender(ctx, "s2", emulator_args=emulator_args, env=BRIDGE_ENV) as entrant:
+        emulator, run, bridge = entrant.emulator, entrant.run, entrant.bridge
+        collector = entrant.collector
+        ready_s = entrant.start()
+
+        def send(ids: list[str]) -> None:
+            produce_requests(
+                ctx.bootstrap,
+                run.input_topic,
+                ids,
+                document_b64=document,
+                content_type="application/pdf",
+            )
+
+        send([f"{run.name}-warm-{i:05d}" for i in range(WARMUP_REQUESTS)])
         collector.wait_count(WARMUP_REQUESTS, 120)
         time.sleep(1.0)  # wait-ok: let the warm-up's last commit settle before measuring
         warm = collector.count()
@@ -84,33 +75,15 @@ def measure(ctx: Context, n: int, *, profile_to: Path | None = None) -> dict[str
                 stack.enter_context(PySpy(bridge.pid, profile_to))
             cpu0, emu_cpu0 = cpu_seconds(bridge.pid), cpu_seconds(emulator.pid)
             t_first = time.time()
-            produce_requests(
-                ctx.bootstrap,
-                run.input_topic,
-                [f"{run.name}-{i:06d}" for i in range(n)],
-                document_b64=document,
-                content_type="application/pdf",
-            )
+            send([f"{run.name}-{i:06d}" for i in range(n)])
             produced_s = time.time() - t_first
 
-            def check_alive() -> None:
-                if not bridge.alive:
-                    raise RuntimeError(f"bridge died:\n{bridge.log_tail()}")
-
-            collector.wait_count(warm + n, 60 + n / 50, on_wait=check_alive)
+            collector.wait_count(warm + n, 60 + n / 50, on_wait=bridge.check_alive)
             cpu1, emu_cpu1 = cpu_seconds(bridge.pid), cpu_seconds(emulator.pid)
         outcomes = collector.snapshot()[warm:]
         t_last = max(o.seen_at for o in outcomes)
         rss = rss_bytes(bridge.pid)
         exit_code, stop_s = bridge.stop_timed(40)
-    finally:
-        if collector is not None:
-            collector.stop()
-        if bridge.alive:
-            bridge.stop_timed(10)
-        emulator.stop()
-        with contextlib.suppress(Exception):
-            run.delete_topics()
     elapsed = t_last - t_first
     return {
         "requests": n,

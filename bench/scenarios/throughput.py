@@ -39,7 +39,7 @@ from bench.harness import (
 )
 from service import samples
 from service.devkit.outcomes import OutcomeCollector
-from service.devkit.processes import BridgeProcess, EmulatorProcess
+from service.devkit.processes import BridgeProcess, EmulatorProcess, stop_process
 from service.devkit.waiting import wait_until
 
 LIMIT_PER_MINUTE = 600
@@ -104,13 +104,7 @@ class _SdkLoop:
             raise RuntimeError(f"SDK loop did not start: {line!r}; see {self.log_path}")
 
     def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, timeout_s=15)
 
 
 def run_contender(

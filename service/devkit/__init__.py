@@ -12,6 +12,9 @@ Each module holds one idea; none imports ``tests`` or ``bench``:
 - :mod:`~service.devkit.outcomes`: results and dead letters read back from Kafka (through
   :func:`service.tools.read_outcomes`, the one reader) by a background
   :class:`OutcomeCollector` into compact :class:`SeenOutcome` rows.
+- :mod:`~service.devkit.producing`: :class:`PacedProducer`, records at a steady rate in a
+  thread (a chaos scenario's load, the soak's, a benchmark's paced arrivals).
+- :mod:`~service.devkit.serving`: small loopback HTTP servers (files, webhook receivers).
 - :mod:`~service.devkit.history`: the history checker (exactly one acceptable outcome per
   request) and the chaos report rows.
 - :mod:`~service.devkit.limiter_replica`: a rate-limiter replica in its own process

@@ -186,6 +186,7 @@ class OutcomeCollector:
         wait_until(enough, timeout_s, f"{n} outcomes", interval_s=0.02)
 
     def stop(self) -> None:
-        """Stop the reader thread."""
+        """Stop the reader thread (nothing to do when it never started)."""
         self._stop.set()
-        self._thread.join(15)
+        if self._thread.ident is not None:
+            self._thread.join(15)

@@ -225,6 +225,11 @@ class BridgeProcess:
         """The exit code of the last incarnation (None while it runs)."""
         return self.proc.poll() if self.proc is not None else None
 
+    def check_alive(self) -> None:
+        """:class:`ProcessExited` (with the end of its log) unless the process runs."""
+        if not self.alive:
+            raise ProcessExited(f"bridge {self.name} exited {self.returncode}:\n{self.log_tail()}")
+
     def url(self, path: str) -> str:
         """A URL on the ops endpoint."""
         return self.ops.url(path)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from confluent_kafka import KafkaError, Producer
 
 from service.devkit.history import (
     GOOD,
@@ -45,6 +43,7 @@ from service.devkit.history import (
 )
 from service.devkit.outcomes import OutcomeCollector
 from service.devkit.processes import ProcessExited, sum_samples
+from service.devkit.producing import PacedProducer, Record
 from service.devkit.waiting import wait_until
 from service.tools import Outcome
 from tests.fixtures.bridge import BridgeProcess, Rig, pdf_request
@@ -475,54 +474,31 @@ class SteadyLoad:
         self.rate_per_s = rate_per_s
         self.partitions = partitions
         self.partition_of: dict[str, int] = {}
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"load-{prefix}", daemon=True)
+        self._producer = PacedProducer(
+            scenario.rig.bootstrap, scenario.rig.input_topic, self._make, rate_per_s=rate_per_s
+        )
+
+    def _make(self, n: int) -> Record:
+        rid = f"{self.prefix}-{n}"
+        partition = n % self.partitions
+        self.scenario.expected[rid] = GOOD
+        self.partition_of[rid] = partition
+        return rid, json.dumps(pdf_request(rid)).encode(), partition
 
     def start(self) -> SteadyLoad:
         """Start producing."""
         self.scenario.note(f"steady load {self.rate_per_s:g}/s over {self.partitions} partitions")
-        self._thread.start()
+        self._producer.start()
         return self
-
-    def _run(self) -> None:
-        rig = self.scenario.rig
-        producer = Producer({"bootstrap.servers": rig.bootstrap, "linger.ms": 5})
-
-        def report(err: KafkaError | None, _msg: Any) -> None:
-            if err is not None:
-                self.errors.append(err.str())
-
-        n = 0
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            rid = f"{self.prefix}-{n}"
-            partition = n % self.partitions
-            self.scenario.expected[rid] = GOOD
-            self.partition_of[rid] = partition
-            producer.produce(
-                rig.input_topic,
-                key=rid.encode(),
-                value=json.dumps(pdf_request(rid)).encode(),
-                partition=partition,
-                on_delivery=report,
-            )
-            producer.poll(0)
-            n += 1
-            next_at += 1.0 / self.rate_per_s
-            self._stop.wait(max(0.0, next_at - time.monotonic()))  # wait-ok: pacing the load
-        left = producer.flush(30)
-        if left:
-            self.errors.append(f"{left} requests not delivered")
 
     def stop(self) -> int:
         """Stop producing; return how many requests were sent (fails on a delivery error)."""
-        self._stop.set()
-        self._thread.join(60)
-        assert not self._thread.is_alive(), "the load producer did not stop"
-        assert not self.errors, f"requests not delivered: {self.errors[:3]}"
-        self.scenario.note(f"steady load stopped after {len(self.partition_of)} requests")
-        return len(self.partition_of)
+        try:
+            sent = self._producer.stop()
+        except RuntimeError as exc:
+            raise AssertionError(str(exc)) from None
+        self.scenario.note(f"steady load stopped after {sent} requests")
+        return sent
 
 
 def outcome_tail(rig: Rig) -> OutcomeCollector:
