@@ -100,7 +100,7 @@ CONVERSION_DURATION = Histogram(
 )
 END_TO_END = Histogram(
     "docutray_bridge_end_to_end_seconds",
-    "Time from the bridge accepting a request to its outcome being handed to Kafka, by outcome "
+    "Time from the bridge accepting a request to its outcome being committed to Kafka, by outcome "
     "(result or dead_letter): the latency a downstream reader sees, for SLOs.",
     ["outcome"],
     buckets=_DURATION_BUCKETS,

@@ -25,7 +25,9 @@ A submit, step by step (:meth:`Engine._submit`):
 
 The loop wires parts together and holds no business rules: what an error
 means is decided in :mod:`service.outcomes`, when to poll in
-:mod:`service.scheduler`, and how fast to call in :mod:`service.ratelimit`.
+:mod:`service.scheduler`, how fast to call in :mod:`service.ratelimit`, and
+what a systemic pause or a held submit gate does (probe, quota, time not
+counted against a request's retry deadline) in :mod:`service.systemic`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO, Literal, cast
 
@@ -48,8 +51,6 @@ from service.docutray import (
     ConversionStatus,
     DocuTrayClient,
     DocuTrayError,
-    QuotaExhausted,
-    RateLimited,
     Submission,
 )
 from service.fetch import FetchError, TransientFetchError, fetch_document
@@ -60,7 +61,6 @@ from service.kafka.topics import documents_topic, record_bytes
 from service.messages import DeadLetterReason, OriginalRecord, PendingRecord, utcnow
 from service.outcomes import (
     DEFAULT_DEAD_LETTER_BYTES,
-    SYSTEMIC_PAUSES,
     Verdict,
     build_dead_letter,
     build_result,
@@ -71,6 +71,7 @@ from service.outcomes import (
 from service.pending import Entry, Limits, Unreadable, parse_original
 from service.ratelimit import Budget, LimiterTimeout, RateLimiter
 from service.scheduler import DueQueue, PollPolicy, retry_delay_s
+from service.systemic import Systemic, SystemicSettings
 from service.webhooks import routed_metadata
 
 log = structlog.get_logger(__name__)
@@ -81,13 +82,88 @@ Key = tuple[int, str]
 _MAX_PERMIT_WAIT_S = 30.0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineSettings:
+    """The slice of :class:`service.config.Settings` the engine uses (see the README's
+    settings table for each one's meaning)."""
+
+    input_topic: str
+    result_topic: str
+    dead_letter_topic: str
+    #: The pending-state changelog and the documents topic (both co-partitioned with input).
+    changelog: str
+    documents_topic: str
+    max_request_bytes: int
+    max_document_bytes: int
+    inflight_bytes_cap: int
+    max_inflight_submits: int
+    max_inflight_polls: int
+    docutray_max_connections: int
+    retry_deadline_s: float
+    retry_base_s: float
+    retry_cap_s: float
+    conversion_deadline_s: float
+    max_lost_resubmits: int
+    shutdown_grace_s: float
+    fetch_mode: bool
+    fetch_timeout_s: float
+    fetch_allow_private: bool
+    webhooks_enabled: bool
+    systemic: SystemicSettings
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> EngineSettings:
+        """Take the engine's slice of the service's settings."""
+        return cls(
+            input_topic=s.input_topic,
+            result_topic=s.result_topic,
+            dead_letter_topic=s.dead_letter_topic,
+            changelog=s.changelog,
+            documents_topic=documents_topic(s),
+            max_request_bytes=s.max_request_bytes,
+            max_document_bytes=s.max_document_bytes,
+            inflight_bytes_cap=s.inflight_bytes_cap,
+            max_inflight_submits=s.max_inflight_submits,
+            max_inflight_polls=s.max_inflight_polls,
+            docutray_max_connections=s.docutray_max_connections,
+            retry_deadline_s=s.retry_deadline_s,
+            retry_base_s=s.retry_base_s,
+            retry_cap_s=s.retry_cap_s,
+            conversion_deadline_s=s.conversion_deadline_s,
+            max_lost_resubmits=s.max_lost_resubmits,
+            shutdown_grace_s=s.shutdown_grace_s,
+            fetch_mode=s.fetch_mode,
+            fetch_timeout_s=s.fetch_timeout_s,
+            fetch_allow_private=s.fetch_allow_private,
+            webhooks_enabled=s.webhooks_enabled,
+            systemic=SystemicSettings(
+                unreachable_pause_after_s=s.unreachable_pause_after_s,
+                systemic_probe_interval_s=s.systemic_probe_interval_s,
+                quota_probe_interval_s=s.quota_probe_interval_s,
+            ),
+        )
+
+
+def _connection_slots(max_connections: int) -> dict[Budget, asyncio.Semaphore]:
+    """At most one HTTP call per pooled connection: requests queued inside httpx's pool make
+    every call scan the whole queue (quadratic CPU); waiting here costs nothing. Submits and
+    status calls each have half, and a task takes its slot *before* its permit, so a permit
+    is spent the moment it is granted (no bunching past the provider's window) and neither
+    kind can hold every connection while waiting for its budget."""
+    submit_slots = max(1, max_connections // 2)
+    return {
+        "submit": asyncio.Semaphore(submit_slots),
+        "status": asyncio.Semaphore(max(1, max_connections - submit_slots)),
+    }
+
+
 class Engine(EngineHooks):
     """Pending conversions of this replica, and the tasks that move them forward."""
 
     def __init__(
         self,
         *,
-        settings: Settings,
+        settings: EngineSettings,
         client: DocuTrayClient,
         limiter: RateLimiter,
         policy: PollPolicy,
@@ -98,7 +174,6 @@ class Engine(EngineHooks):
     ) -> None:
         self._s = settings
         self._documents = documents
-        self._documents_topic = documents_topic(settings)
         #: Documents read back and held at once (submits, dead letters).
         self._inflight = ByteBudget(settings.inflight_bytes_cap)
         #: The largest record each output topic takes (results over it: result_too_large).
@@ -115,33 +190,28 @@ class Engine(EngineHooks):
         self._poll_tasks: set[asyncio.Task[None]] = set()
         self._tasks_by_key: dict[Key, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
-        # At most one HTTP call per pooled connection: requests queued inside httpx's pool make
-        # every call scan the whole queue (quadratic CPU); waiting here costs nothing. Submits
-        # and status calls each have half, and a task takes its slot *before* its permit, so a
-        # permit is spent the moment it is granted (no bunching past the provider's window)
-        # and neither kind can hold every connection while waiting for its budget.
-        submit_slots = max(1, settings.docutray_max_connections // 2)
-        self._slots: dict[Budget, asyncio.Semaphore] = {
-            "submit": asyncio.Semaphore(submit_slots),
-            "status": asyncio.Semaphore(max(1, settings.docutray_max_connections - submit_slots)),
-        }
+        self._slots = _connection_slots(settings.docutray_max_connections)
         #: Tasks whose HTTP call is under way: a drain or revoke lets these finish.
         self._in_call: set[Key] = set()
         #: Partitions being revoked: no new call starts there.
         self._revoking: set[int] = set()
         self._limits = Limits(settings.max_request_bytes, settings.max_document_bytes)
-        self._paused: set[str] = set()
+        #: Pauses and holds for reasons no request caused (see service.systemic).
+        self._systemic = Systemic(
+            settings.systemic,
+            client=client,
+            limiter=limiter,
+            kafka=kafka,
+            wake=self._wake.set,
+            waiting_to_submit=self._waiting_to_submit,
+        )
         self._stopping = False
         self._fatal: BaseException | None = None
         self._done = asyncio.Event()
-        self._last_api_ok = time.monotonic()
-        self._probe_task: asyncio.Task[None] | None = None
         self.heartbeat = time.monotonic()
         self._gauges_dirty = True
         self._gauges_at = 0.0
         self._oldest_at = 0.0
-        #: When this replica last got a 402 with no accepted submit since (None: quota fine).
-        self._quota_since: float | None = None
 
     # ---- hooks from the Kafka thread (run in the event loop) ----
 
@@ -198,6 +268,7 @@ class Engine(EngineHooks):
         """The Kafka thread died: stop the engine (the process exits non-zero)."""
         self._fatal = exc
         self._stopping = True
+        self._systemic.stop()
         self._done.set()
         self._wake.set()
 
@@ -206,7 +277,18 @@ class Engine(EngineHooks):
     @property
     def paused_reasons(self) -> frozenset[str]:
         """Why the engine does not call DocuTray right now (empty when it does)."""
-        return frozenset(self._paused)
+        return self._systemic.paused
+
+    @property
+    def hold_reasons(self) -> frozenset[str]:
+        """Readiness reasons from the plan: ``quota_exhausted`` while the monthly quota is
+        spent (this replica got the 402, or the shared gate says so)."""
+        return self._systemic.hold_reasons
+
+    async def watch_submit_hold(self, *, every_s: float = 2.0) -> None:
+        """Keep this replica's view of the shared submit gate fresh (see
+        :meth:`service.systemic.Systemic.watch_submit_hold`); runs until cancelled."""
+        await self._systemic.watch_submit_hold(every_s=every_s)
 
     @property
     def failure(self) -> BaseException | None:
@@ -252,9 +334,10 @@ class Engine(EngineHooks):
             self.heartbeat = now
             metrics.HEARTBEAT.set(time.time())
             self._refresh_gauges(now)
-            if not self._paused:
+            self._systemic.tick()
+            if not self._systemic.paused:
                 free = self._s.max_inflight_submits - len(self._submit_tasks)
-                if free > 0 and not self._submits_held():
+                if free > 0 and not self._systemic.submits_held:
                     for key in self._submit_due.pop_due(now, limit=free):
                         if key[0] in self._revoking:
                             continue  # the partition's next owner submits it
@@ -300,8 +383,7 @@ class Engine(EngineHooks):
         self._stopping = True
         self._wake.set()
         await self._settle(lambda key: True, grace_s=grace_s)
-        if self._probe_task is not None:
-            self._probe_task.cancel()
+        self._systemic.stop()
 
     def quiesce(self, partitions: list[int], done: threading.Event) -> None:
         """A revoke: start no call on `partitions`; set `done` once their calls have finished."""
@@ -390,7 +472,7 @@ class Engine(EngineHooks):
         key = request_id.encode()
         return [
             OutRecord(self._s.changelog, key, None, None, partition),
-            OutRecord(self._documents_topic, key, None, None, partition),
+            OutRecord(self._s.documents_topic, key, None, None, partition),
         ]
 
     @contextlib.asynccontextmanager
@@ -535,22 +617,29 @@ class Engine(EngineHooks):
         if entry is None:
             return
         age_s = (utcnow() - entry.received_at).total_seconds()
-        if entry.attempts > 0 and age_s > self._s.retry_deadline_s and not entry.in_doubt:
+        # Time paused for a systemic reason (quota, hour/day window, DocuTray unreachable)
+        # is not the request's fault: it does not count against its retry deadline.
+        paused_s = self._systemic.paused_s(since=entry.received_at.timestamp())
+        if (
+            entry.attempts > 0
+            and age_s - paused_s > self._s.retry_deadline_s
+            and not entry.in_doubt
+        ):
             await self._dead_letter(
                 entry,
                 DeadLetterReason.RETRIES_EXHAUSTED,
                 f"gave up after {entry.attempts} submit attempts over {age_s:.0f} s "
-                f"(BRIDGE_RETRY_DEADLINE_S={self._s.retry_deadline_s:g}); last error: "
+                f"({paused_s:.0f} s of them paused for a systemic reason, not counted; "
+                f"BRIDGE_RETRY_DEADLINE_S={self._s.retry_deadline_s:g}); last error: "
                 f"{entry.last_error}",
             )
             return
         async with self._holding(entry):
             await self._submit_document(entry)
 
-    async def _submit_document(self, entry: Entry) -> None:
-        """Steps 0-4 with the document read back and held (within the in-flight byte budget)."""
-        key = entry.key
-        # Step 0: the request, read back from the documents topic and judged again.
+    async def _read_back(self, entry: Entry) -> Accepted | None:
+        """Step 0: the request, read back from the documents topic and judged again (None:
+        dead-lettered, or no longer this replica's)."""
         try:
             original = await self._read_original(entry)
         except DocumentMissing as exc:
@@ -565,9 +654,9 @@ class Engine(EngineHooks):
                     headers=entry.headers,
                 ),
             )
-            return
+            return None
         if not self._owned(entry):
-            return
+            return None
         accepted = parse_original(original, self._limits)
         if accepted is None:
             await self._dead_letter(
@@ -576,8 +665,14 @@ class Engine(EngineHooks):
                 "the stored request no longer passes validation (were the size limits lowered?)",
                 original=original,
             )
+        return accepted  # memory: the parsed request is all the call needs, not the original
+
+    async def _submit_document(self, entry: Entry) -> None:
+        """Steps 0-4 with the document read back and held (within the in-flight byte budget)."""
+        key = entry.key
+        accepted = await self._read_back(entry)
+        if accepted is None:
             return
-        del original  # memory: the parsed request is all the call needs
         # Step 1: the intent, durable before the HTTP call.
         resubmission = entry.in_doubt
         entry.state = "submitting"
@@ -630,8 +725,8 @@ class Engine(EngineHooks):
             self._submit_due.schedule(entry.key, time.monotonic() + self._rng.uniform(0.5, 2.0))
 
     async def _submitted(self, entry: Entry, submission: Submission) -> None:
-        self._api_ok()
-        self._quota_back()
+        self._systemic.api_ok()
+        self._systemic.quota_back()
         metrics.SUBMISSIONS.labels("accepted", "2xx").inc()
         self._limiter.on_success("submit")
         entry.state = "submitted"
@@ -731,7 +826,7 @@ class Engine(EngineHooks):
         metrics.SUBMISSIONS.labels(outcome, metrics.status_class(status)).inc()
         if verdict.action == "dead_letter":
             assert verdict.reason is not None
-            self._api_ok()
+            self._systemic.api_ok()
             await self._dead_letter(
                 entry,
                 verdict.reason,
@@ -754,7 +849,7 @@ class Engine(EngineHooks):
     ) -> None:
         """Put a request back to `queued` with a retry time (transient or systemic failure)."""
         detail = describe_error(exc)
-        await self._feedback(exc, verdict, budget=budget)
+        await self._systemic.feedback(exc, verdict, budget=budget)
         if verdict.action == "pause" and attempts_charged:
             entry.attempts = max(0, entry.attempts - 1)  # not the request's fault
         delay = retry_delay_s(
@@ -800,7 +895,7 @@ class Engine(EngineHooks):
         metrics.LIMITER_WAIT.labels(budget).observe(waited)
         if not self._owned(entry) or self._stopping or entry.partition in self._revoking:
             return False
-        if self._paused:
+        if self._systemic.paused:
             queue.schedule(entry.key, time.monotonic() + 1.0)
             return False
         return True
@@ -838,7 +933,7 @@ class Engine(EngineHooks):
             except DocuTrayError as exc:
                 await self._status_failed(entry, exc)
                 return
-        self._api_ok()
+        self._systemic.api_ok()
         self._limiter.on_success("status")
         if not self._owned(entry):
             return
@@ -932,7 +1027,7 @@ class Engine(EngineHooks):
         verdict = classify_status_error(exc)
         if verdict.action == "resubmit":
             metrics.STATUS_CALLS.labels("lost").inc()
-            self._api_ok()
+            self._systemic.api_ok()
             if entry.lost_resubmits >= self._s.max_lost_resubmits:
                 await self._dead_letter(
                     entry,
@@ -964,7 +1059,7 @@ class Engine(EngineHooks):
             return
         outcome = "systemic_error" if verdict.action == "pause" else "transient_error"
         metrics.STATUS_CALLS.labels(outcome).inc()
-        await self._feedback(exc, verdict, budget="status")
+        await self._systemic.feedback(exc, verdict, budget="status")
         delay = retry_delay_s(
             min(entry.status_calls, 8),
             retry_after_s=verdict.retry_after_s,
@@ -983,165 +1078,11 @@ class Engine(EngineHooks):
         self._poll_due.schedule(entry.key, time.monotonic() + delay)
         self._wake.set()
 
-    # ---- feedback, systemic pauses ----
-
-    async def _feedback(self, exc: BaseException, verdict: Verdict, *, budget: Budget) -> None:
-        b = budget
-        if isinstance(exc, RateLimited):
-            metrics.RATE_LIMITED.labels(b).inc()
-            # An hour or day window holds submissions on every replica until its reset.
-            await self._limiter.on_rate_limited(
-                b,
-                retry_after_s=exc.retry_after_s,
-                limit_type=exc.limit_type,
-                reset_at=exc.reset_at,
-            )
-        if isinstance(exc, QuotaExhausted):
-            await self._quota_exhausted(exc)
-        elif verdict.pause is not None:
-            self._enter_pause(verdict.pause, describe_error(exc))
-        elif verdict.transport:
-            down_s = time.monotonic() - self._last_api_ok
-            if down_s > self._s.unreachable_pause_after_s:
-                self._enter_pause(
-                    "api_unreachable", f"{describe_error(exc)}; no success for {down_s:.0f} s"
-                )
-
-    def _api_ok(self) -> None:
-        self._last_api_ok = time.monotonic()
-
-    def _enter_pause(self, reason: str, detail: str) -> None:
-        if reason in self._paused:
-            return
-        self._paused.add(reason)
-        self.kafka.pause(reason)
-        action = {
-            "invalid_api_key": "set a valid DOCUTRAY_API_KEY (the Secret) and restart, or wait: "
-            "the bridge probes and resumes by itself",
-            "api_misconfigured": "check DOCUTRAY_BASE_URL and the key's permissions; the bridge "
-            "probes and resumes by itself",
-        }.get(
-            reason,
-            "check DocuTray's status and the network path to DOCUTRAY_BASE_URL; "
-            "the bridge probes and resumes by itself",
-        )
-        log.error("consumption_paused_systemic", reason=reason, error=detail, action=action)
-        if self._probe_task is None or self._probe_task.done():
-            self._probe_task = asyncio.get_running_loop().create_task(self._probe())
-
-    async def _probe(self) -> None:
-        """While paused for a systemic reason, check DocuTray now and then; resume when it works."""
-        while self._paused & set(SYSTEMIC_PAUSES) and not self._stopping:
-            await asyncio.sleep(self._s.systemic_probe_interval_s)
-            try:
-                await self._limiter.acquire(
-                    "status", deadline=time.monotonic() + self._s.systemic_probe_interval_s
-                )
-                await self._client.list_document_types(limit=1)
-            except LimiterTimeout:
-                continue
-            except DocuTrayError as exc:
-                log.warning("systemic_probe_failed", error=describe_error(exc))
-                continue
-            for reason in SYSTEMIC_PAUSES:
-                if reason in self._paused:
-                    self._paused.discard(reason)
-                    self.kafka.resume(reason)
-            self._api_ok()
-            log.info("consumption_resumed_systemic", action="none: DocuTray answers again")
-            self._wake.set()
-
-    # ---- DocuTray's plan: monthly quota, submit holds, webhook wake-ups (issue 14) ----
-
-    async def _quota_exhausted(self, exc: QuotaExhausted) -> None:
-        """A 402: pause submissions on every replica (shared gate, reason ``quota_exhausted``).
-
-        The pause lasts until the quota's ``resetDate`` when DocuTray gave one, but never
-        longer than ``BRIDGE_QUOTA_PROBE_INTERVAL_S``: when it ends, the next submissions are
-        the probe (a plan upgraded mid-month is noticed; a quota still spent answers 402 and
-        pauses again). Status calls go on; nothing is dead-lettered; the request that got
-        the 402 is queued again without counting an attempt.
-        """
-        now = time.time()
-        reset = exc.reset_at.timestamp() if exc.reset_at is not None else None
-        until = now + self._s.quota_probe_interval_s
-        if reset is not None and now < reset < until:
-            until = reset
-        first = self._quota_since is None
-        self._quota_since = time.monotonic()
-        metrics.QUOTA_EXHAUSTED.set(1)
-        metrics.QUOTA_RESET.set(reset or 0)
-        await self._limiter.pause_submissions("quota_exhausted", until=until)
-        if first:
-            log.error(
-                "quota_exhausted",
-                quota=exc.quota,
-                used=exc.used,
-                reset_at=exc.reset_at.isoformat() if exc.reset_at else None,
-                retry_in_s=round(until - now, 1),
-                action="DocuTray's monthly quota is spent: raise the plan's quota in DocuTray's "
-                "dashboard or wait for its reset; submissions resume by themselves, "
-                "conversions already submitted still complete",
-            )
-
-    def _quota_back(self) -> None:
-        """A submit was accepted: the quota episode (if any) is over on this replica."""
-        if self._quota_since is None:
-            return
-        self._quota_since = None
-        metrics.QUOTA_EXHAUSTED.set(0)
-        log.info("quota_available", action="none: submissions resumed")
+    # ---- DocuTray's plan: webhook wake-ups (issue 14) ----
 
     def _waiting_to_submit(self) -> bool:
         """Whether any entry of this replica waits for (or is in) a submit."""
         return any(e.state != "submitted" for e in self._entries.values())
-
-    def _submits_held(self) -> bool:
-        """Whether the shared gate holds submissions (a 402 pause, an hour or day 429, a
-        budget window), as last seen: no submit task starts then (each would read its
-        document and write two changelog records only to time out at the gate)."""
-        return self._limiter.submit_hold is not None
-
-    @property
-    def hold_reasons(self) -> frozenset[str]:
-        """Readiness reasons from the plan: ``quota_exhausted`` while the monthly quota is
-        spent (this replica got the 402, or the shared gate says so)."""
-        hold = self._limiter.submit_hold
-        if self._quota_since is not None or (hold is not None and hold.reason == "quota_exhausted"):
-            return frozenset({"quota_exhausted"})
-        return frozenset()
-
-    async def watch_submit_hold(self, *, every_s: float = 2.0) -> None:
-        """Keep this replica's view of the shared submit gate fresh, and its gauges.
-
-        A pause or block another replica set (a 402, an hour or day 429) is read from
-        Redis every ``every_s``; a budget window the limiter itself reported ends on its
-        own. Runs until cancelled; a failed read is retried on the next turn.
-        """
-        while not self._stopping:
-            hold = self._limiter.submit_hold
-            if hold is None or not hold.reason.startswith("budget_"):
-                try:
-                    hold = await self._limiter.read_submit_hold()
-                except Exception as exc:  # the limiter falls back by itself; keep watching
-                    log.warning("submit_hold_read_failed", error=repr(exc))
-            reason = "" if hold is None else hold.reason
-            for label in metrics.SUBMIT_HOLD_REASONS:
-                held = reason == label or (
-                    label == "other" and bool(reason) and reason not in metrics.SUBMIT_HOLD_REASONS
-                )
-                metrics.SUBMIT_HELD.labels(label).set(1 if held else 0)
-            if reason == "quota_exhausted":
-                metrics.QUOTA_EXHAUSTED.set(1)
-            elif self._quota_since is not None and not self._waiting_to_submit():
-                # The pause ended and nothing here waits to submit (another replica's submits
-                # are the probe): this replica has nothing left to be unready for.
-                self._quota_back()
-            elif self._quota_since is None:
-                metrics.QUOTA_EXHAUSTED.set(0)
-            if hold is None:
-                self._wake.set()
-            await asyncio.sleep(every_s)
 
     def _submit_metadata(
         self, metadata: dict[str, Any] | None, entry: Entry

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from service import metrics
-from service.docutray import ConversionStatus, ServerError, Submission
+from service.docutray import ConversionStatus, QuotaExhausted, ServerError, Submission
 from service.pending import Entry
+from service.systemic import PausedTime
 from tests.fixtures.engine import (
     FakeDocuments,
     FakeKafka,
@@ -69,6 +71,7 @@ class Harness:
         return stored_entry(self.documents, rid, offset, headers=[("trace", b"t1")])
 
     async def run_until(self, done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        self.engine._stopping = False  # a test may run the engine more than once
         task = asyncio.get_running_loop().create_task(self.engine.run())
         try:
             async with asyncio.timeout(timeout_s):
@@ -222,3 +225,76 @@ async def test_an_in_doubt_submit_that_never_made_its_call_stays_in_doubt() -> N
     await asyncio.gather(run, return_exceptions=True)
     assert h.kafka.states("doubtful") == ["submitting"]
     assert h.client.submits == 1
+
+
+def _end_to_end_count(outcome: str) -> float:
+    """How many outcomes `docutray_bridge_end_to_end_seconds` has observed for `outcome`."""
+    for family in metrics.END_TO_END.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_count") and sample.labels.get("outcome") == outcome:
+                return sample.value
+    return 0.0
+
+
+async def test_end_to_end_latency_is_observed_once_when_the_outcome_commits() -> None:
+    """Issue 14 gap: a finish whose transaction fails (aborted past its retries, so the
+    partition is rebuilt from Kafka and the request finished again) counts once, not twice."""
+    h = Harness()
+    h.kafka.fail_finishes = 1
+    before = _end_to_end_count("result")
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: bool(h.kafka.failed))
+    assert _end_to_end_count("result") == before  # nothing committed yet
+    # The reset: the partition is dropped and its state restored (still `submitted`).
+    h.engine.drop(0)
+    restored = h.entry("r1")
+    restored.state, restored.conversion_id = "submitted", "c1"
+    h.engine.adopt(0, 2, [restored])
+    await h.run_until(lambda: bool(h.kafka.values("results")))
+    assert [r["request_id"] for r in h.kafka.values("results")] == ["r1"]
+    assert _end_to_end_count("result") == before + 1
+
+
+async def test_time_paused_for_the_quota_does_not_count_against_the_retry_deadline() -> None:
+    """Issue 14 gap: a transient failure, then a 402 whose pause outlasts
+    BRIDGE_RETRY_DEADLINE_S: when the quota is back the request completes (the pause is the
+    plan's fault, not the request's), with one outcome, a result."""
+    h = Harness(BRIDGE_RETRY_DEADLINE_S="0.3", BRIDGE_QUOTA_PROBE_INTERVAL_S="1.0")
+    answers: list[Exception] = [
+        ServerError("boom", endpoint="submit", status_code=503),
+        QuotaExhausted(
+            "monthly quota",
+            endpoint="submit",
+            status_code=402,
+            reset_at=datetime.now(UTC) + timedelta(days=3),
+        ),
+    ]
+    real = h.client.submit
+
+    async def scripted() -> Submission:
+        if answers:
+            raise answers.pop(0)
+        return await real()
+
+    h.client.submit = scripted  # type: ignore[method-assign]
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: bool(h.kafka.values("results") or h.kafka.values("dead")))
+    assert [r["request_id"] for r in h.kafka.values("results")] == ["r1"]
+    assert h.kafka.values("dead") == []
+    assert h.client.submits == 3
+
+
+def test_paused_time_counts_only_the_overlap_with_a_requests_life() -> None:
+    paused = PausedTime(max_intervals=2)
+    paused.note(True, 10.0)
+    paused.note(True, 12.0)  # still the same pause
+    paused.note(False, 20.0)
+    paused.note(False, 25.0)
+    paused.note(True, 30.0)  # open: counts up to `end`
+    assert paused.within(0.0, 40.0) == 20.0
+    assert paused.within(15.0, 35.0) == 10.0
+    assert paused.within(20.0, 30.0) == 0.0
+    paused.note(False, 31.0)
+    paused.note(True, 50.0)
+    paused.note(False, 51.0)  # a third interval: the oldest (10-20) is forgotten
+    assert paused.within(0.0, 60.0) == 2.0
