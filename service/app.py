@@ -46,6 +46,8 @@ from service.config import (
 from service.documents import DocumentReader
 from service.docutray import DocuTrayClient
 from service.health import Probe, create_ops_app, liveness, readiness
+from service.kafka.effects import Channel
+from service.kafka.settings import KafkaErrorLog, KafkaSettings
 from service.kafka.topics import (
     TopicLayout,
     completions_topic,
@@ -55,9 +57,9 @@ from service.kafka.topics import (
     producer_max_message_bytes,
     record_limits,
 )
-from service.kafkaio import Channel, KafkaErrorLog, KafkaIO, KafkaSettings
+from service.kafkaio import KafkaIO
 from service.logging import register_secrets
-from service.pipeline import Engine, EngineSettings
+from service.pipeline import Engine
 from service.ratelimit import RateLimiter, build_limiter
 from service.redis_url import parse_redis_url
 from service.scheduler import DurationModel, PollPolicy
@@ -231,6 +233,7 @@ def _ops_server(
             host=settings.metrics_host,
             port=settings.metrics_port,
             log_level="warning",
+            log_config=None,  # uvicorn logs through the service's handlers: one JSON stream
             access_log=False,
             lifespan="off",
         )
@@ -315,7 +318,7 @@ class Bridge:
         self.documents = DocumentReader(self.ks.common, self.ks.documents_topic)
         self.channel = Channel()
         self.engine = Engine(
-            settings=EngineSettings.from_settings(settings),
+            settings=settings,
             kafka=self.channel,
             client=self.client,
             limiter=self.limiter,

@@ -109,3 +109,7 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric_level, logging.WARNING))
+    # Python's warnings join the stream too (logger "py.warnings"). Uncaught exceptions keep
+    # Python's plain traceback on purpose: tests and operators grep for "Traceback" to tell
+    # a crash from a clear one-line error.
+    logging.captureWarnings(True)

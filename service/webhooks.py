@@ -373,6 +373,7 @@ def webhook_server(receiver: WebhookReceiver, *, host: str, port: int) -> Webhoo
             host=host,
             port=port,
             log_level="warning",
+            log_config=None,  # uvicorn logs through the service's handlers: one JSON stream
             access_log=False,
             lifespan="off",
             limit_concurrency=256,

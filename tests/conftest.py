@@ -29,7 +29,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    """Put structlog, the stdlib root logger and the registered secrets back after a test."""
+    """Put structlog, the stdlib root logger, the registered secrets and the warnings hook
+    (configure_logging routes warnings into the log) back after a test."""
     was_configured = structlog.is_configured()
     config = structlog.get_config()
     root = logging.getLogger()
@@ -40,6 +41,7 @@ def restore_logging() -> Iterator[None]:
     bridge_logging._secrets.update(secrets)
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging.captureWarnings(False)
     if was_configured:
         structlog.configure(**config)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from typing import Any
 
 import pytest
@@ -175,3 +176,40 @@ def test_stdlib_info_is_quiet_by_default() -> None:
     configure_logging(fmt="json", level="info", stream=buf)
     logging.getLogger("httpx").info("HTTP Request: GET http://x")
     assert buf.getvalue() == ""
+
+
+def test_the_bridge_servers_log_through_the_json_stream() -> None:
+    """uvicorn's default log config (installed when a server is built) must not take over."""
+    from service.app import _ops_server
+    from service.config import load_settings
+    from service.health import Probe
+    from service.webhooks import WebhookReceiver, webhook_server
+
+    buf = io.StringIO()
+    configure_logging(fmt="json", stream=buf)
+
+    def probe() -> Probe:
+        return Probe(ok=True, details={})
+
+    _ops_server(load_settings(), live=probe, ready=probe)
+    receiver = WebhookReceiver(
+        topic="t",
+        partitions=1,
+        producer=None,  # type: ignore[arg-type]  # never called: nothing is served
+        max_body_bytes=1024,
+        rate_per_source=1.0,
+    )
+    webhook_server(receiver, host="127.0.0.1", port=0)
+    logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
+    (line,) = json_lines(buf.getvalue())
+    assert line["event"] == "Invalid HTTP request received."
+    assert line["logger"] == "uvicorn.error"
+
+
+def test_python_warnings_join_the_json_stream() -> None:
+    buf = io.StringIO()
+    configure_logging(fmt="json", stream=buf)
+    warnings.warn("old API", DeprecationWarning, stacklevel=1)
+    (line,) = json_lines(buf.getvalue())
+    assert "old API" in line["event"]
+    assert line["logger"] == "py.warnings"
