@@ -66,7 +66,7 @@ says more about a proxy or an API change than about the document, so
 dead-lettering at once would throw away requests that a retry (bounded by
 the pipeline's deadline, after which it dead-letters anyway) may well get
 through. A garbled 2xx on submit may have created a conversion: resubmitting
-is the at-least-once window the design already accepts.
+is the at-least-once window the README accepts ("Delivery guarantees").
 
 Secrets: the API key lives only in the pooled client's default headers
 (httpx masks ``Authorization`` in its reprs). It never appears in
@@ -669,7 +669,7 @@ def error_from_exception(exc: Exception, *, endpoint: Endpoint) -> UnexpectedRes
     decode), ``httpx.TooManyRedirects``, ``httpx.StreamError``, or an
     exception a custom transport raises. The answer may have been produced, so
     a submit that fails this way may have created a conversion (the
-    at-least-once window the design accepts). The message names only the
+    at-least-once window of the README's "Delivery guarantees"). The message names only the
     exception's type: its text may quote a URL or a header.
     """
     return UnexpectedResponse(

@@ -76,9 +76,9 @@ def classify_submit_error(exc: DocuTrayError | FetchError, *, url_timeouts: int)
     """Decide the fate of a request whose submit failed with `exc`.
 
     `url_timeouts` counts DocuTray's earlier 408 "URL download timeout"
-    answers for this request: the first two are retried (the design lists a
-    download timeout as transient), the third dead-letters as
-    ``source_unavailable``.
+    answers for this request: the first two are retried (a download timeout is
+    transient), the third dead-letters as ``source_unavailable`` (README,
+    "Dead-letter reasons"). A fetch-mode download that failed transiently counts the same.
     """
     if isinstance(exc, TransientFetchError):
         # Timeout, connection error, 408/429/5xx from the document's host.
