@@ -59,7 +59,7 @@ from service.kafka.topics import (
 )
 from service.kafkaio import KafkaIO
 from service.logging import register_secrets
-from service.pipeline import Engine
+from service.pipeline import Engine, EngineSettings
 from service.ratelimit import RateLimiter, build_limiter
 from service.redis_url import parse_redis_url
 from service.scheduler import DurationModel, PollPolicy
@@ -318,7 +318,7 @@ class Bridge:
         self.documents = DocumentReader(self.ks.common, self.ks.documents_topic)
         self.channel = Channel()
         self.engine = Engine(
-            settings=settings,
+            settings=EngineSettings.from_settings(settings),
             kafka=self.channel,
             client=self.client,
             limiter=self.limiter,
