@@ -916,12 +916,16 @@ class Engine(EngineHooks):
         if entry is None or entry.conversion_id is None:
             return
         elapsed = time.monotonic() - (entry.submitted_mono or time.monotonic())
-        if elapsed > self._s.conversion_deadline_s:
+        # Status calls stop while consumption is paused: that time is not the conversion's.
+        stopped_s = self._systemic.stopped_s(since=time.time() - elapsed)
+        remaining = self._s.conversion_deadline_s - (elapsed - stopped_s)
+        if remaining < 0:
             await self._dead_letter(
                 entry,
                 DeadLetterReason.TIMEOUT,
-                f"no terminal status {elapsed:.0f} s after submit "
-                f"(BRIDGE_CONVERSION_DEADLINE_S={self._s.conversion_deadline_s:g})",
+                f"no terminal status {elapsed:.0f} s after submit ({stopped_s:.0f} s of them "
+                "paused for a systemic reason, not counted; "
+                f"BRIDGE_CONVERSION_DEADLINE_S={self._s.conversion_deadline_s:g})",
             )
             return
         async with self._slots["status"]:
@@ -950,7 +954,6 @@ class Engine(EngineHooks):
             )
         else:
             metrics.STATUS_CALLS.labels("in_progress").inc()
-            remaining = self._s.conversion_deadline_s - elapsed
             delay = self._policy.next_delay_s(
                 entry.document_type_code,
                 elapsed_s=elapsed,

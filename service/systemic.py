@@ -13,9 +13,10 @@ One :class:`Systemic` per engine holds both kinds, and what each one costs:
   after it are the probe (a quota still spent answers 402 and pauses again).
 
 Neither is the request's fault, so time spent in either does not count against a
-request's retry deadline: :meth:`Systemic.paused_s` says how much of a request's life
-was spent paused (:class:`PausedTime` keeps the intervals, on the wall clock, as this
-process saw them: a pause before a restart is not known to the next owner).
+request's retry deadline (:meth:`Systemic.paused_s`), and time in a consumption pause
+(status calls stop too) not against its conversion deadline (:meth:`Systemic.stopped_s`).
+:class:`PausedTime` keeps the intervals, on the wall clock, as this process saw them: a
+pause before a restart is not known to the next owner.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class Systemic:
         #: When this replica last got a 402 with no accepted submit since (None: quota fine).
         self._quota_since: float | None = None
         self._paused_time = PausedTime()
+        self._stopped_time = PausedTime()
 
     # ---- what the engine asks ----
 
@@ -143,13 +145,19 @@ class Systemic:
         return frozenset()
 
     def tick(self) -> None:
-        """Note whether submissions are paused or held now (the dispatcher calls this every
-        turn, at least once a second), for :meth:`paused_s`."""
-        self._paused_time.note(bool(self._paused) or self.submits_held, time.time())
+        """Note whether calls are paused, or submissions held, now (the dispatcher calls this
+        every turn, at least once a second), for :meth:`paused_s` and :meth:`stopped_s`."""
+        now = time.time()
+        self._paused_time.note(bool(self._paused) or self.submits_held, now)
+        self._stopped_time.note(bool(self._paused), now)
 
     def paused_s(self, *, since: float) -> float:
         """Seconds submissions were paused or held since ``since`` (epoch seconds)."""
         return self._paused_time.within(since, time.time())
+
+    def stopped_s(self, *, since: float) -> float:
+        """Seconds every call (status calls too) was paused since ``since`` (epoch seconds)."""
+        return self._stopped_time.within(since, time.time())
 
     def stop(self) -> None:
         """The engine stops: no more probing or watching."""

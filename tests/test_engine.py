@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 
 from service import metrics
-from service.docutray import ConversionStatus, QuotaExhausted, ServerError, Submission
+from service.docutray import (
+    ConversionStatus,
+    InvalidApiKey,
+    QuotaExhausted,
+    ServerError,
+    Submission,
+)
 from service.pending import Entry
 from service.systemic import PausedTime
 from tests.fixtures.engine import (
@@ -298,3 +304,71 @@ def test_paused_time_counts_only_the_overlap_with_a_requests_life() -> None:
     paused.note(True, 50.0)
     paused.note(False, 51.0)  # a third interval: the oldest (10-20) is forgotten
     assert paused.within(0.0, 60.0) == 2.0
+
+
+async def test_a_systemic_error_pauses_probes_and_resumes_without_charging_the_request() -> None:
+    """A 401 pauses consumption (no dead letter); the probe fails once, then DocuTray
+    answers again and consumption resumes; the pause outlasted BRIDGE_RETRY_DEADLINE_S after
+    a transient failure, yet the request completes."""
+    h = Harness(BRIDGE_RETRY_DEADLINE_S="0.3", BRIDGE_SYSTEMIC_PROBE_INTERVAL_S="0.2")
+    answers: list[Exception] = [
+        ServerError("boom", endpoint="submit", status_code=503),
+        InvalidApiKey("unauthorized", endpoint="submit", status_code=401),
+    ]
+    real = h.client.submit
+    probes = 0
+
+    async def scripted() -> Submission:
+        if answers:
+            raise answers.pop(0)
+        return await real()
+
+    async def probe(**_: Any) -> None:
+        nonlocal probes
+        probes += 1
+        if probes == 1:
+            raise InvalidApiKey("still unauthorized", endpoint="document_types", status_code=401)
+
+    h.client.submit = scripted  # type: ignore[method-assign]
+    h.client.list_document_types = probe  # type: ignore[method-assign]
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: "invalid_api_key" in h.kafka.paused)
+    assert h.engine.paused_reasons == frozenset({"invalid_api_key"})
+    await h.run_until(lambda: bool(h.kafka.values("results") or h.kafka.values("dead")))
+    assert [r["request_id"] for r in h.kafka.values("results")] == ["r1"]
+    assert h.kafka.values("dead") == []
+    assert probes == 2
+    assert h.kafka.paused == set()
+    assert h.engine.paused_reasons == frozenset()
+
+
+async def test_time_paused_does_not_count_against_the_conversion_deadline() -> None:
+    """Issue 14 gap: status calls stop while consumption is paused (here a 401 on a status
+    call); a pause that outlasts BRIDGE_CONVERSION_DEADLINE_S must not turn the conversion
+    into a `timeout` dead letter without asking DocuTray: its result is published."""
+    h = Harness(BRIDGE_CONVERSION_DEADLINE_S="0.3", BRIDGE_SYSTEMIC_PROBE_INTERVAL_S="0.25")
+    answers: list[Exception] = [
+        InvalidApiKey("unauthorized", endpoint="status", status_code=401),
+    ]
+    real = h.client.get_status
+
+    async def scripted(conversion_id: str) -> ConversionStatus:
+        if answers:
+            raise answers.pop(0)
+        return await real(conversion_id)
+
+    probes = 0
+
+    async def probe(**_: Any) -> None:
+        nonlocal probes
+        probes += 1
+        if probes == 1:
+            raise InvalidApiKey("still unauthorized", endpoint="document_types", status_code=401)
+
+    h.client.get_status = scripted  # type: ignore[method-assign]
+    h.client.list_document_types = probe  # type: ignore[method-assign]
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: bool(h.kafka.values("results") or h.kafka.values("dead")))
+    assert h.kafka.values("dead") == []
+    assert [r["request_id"] for r in h.kafka.values("results")] == ["r1"]
+    assert probes == 2
