@@ -17,9 +17,13 @@ import pytest
 
 from service import metrics
 from service.docutray import (
+    ApiTimeout,
+    ConversionLost,
     ConversionStatus,
     InvalidApiKey,
     QuotaExhausted,
+    RateLimited,
+    RequestRejected,
     ServerError,
     Submission,
 )
@@ -372,3 +376,165 @@ async def test_time_paused_does_not_count_against_the_conversion_deadline() -> N
     assert h.kafka.values("dead") == []
     assert [r["request_id"] for r in h.kafka.values("results")] == ["r1"]
     assert probes == 2
+
+
+def _scripted_submits(h: Harness, answers: list[Exception]) -> None:
+    """The client's submits raise `answers` in turn, then succeed."""
+    real = h.client.submit
+
+    async def scripted() -> Submission:
+        if answers:
+            raise answers.pop(0)
+        return await real()
+
+    h.client.submit = scripted  # type: ignore[method-assign]
+
+
+def _scripted_statuses(h: Harness, answers: list[Exception | str]) -> None:
+    """The client's status calls raise (or answer with the status in) `answers` in turn,
+    then answer SUCCESS."""
+    real = h.client.get_status
+
+    async def scripted(conversion_id: str) -> ConversionStatus:
+        if answers:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            h.client.status_calls += 1
+            return ConversionStatus(conversion_id=conversion_id, status=answer, error="bad scan")
+        return await real(conversion_id)
+
+    h.client.get_status = scripted  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (
+            RequestRejected("bad", reason="invalid_request", endpoint="submit", status_code=400),
+            "invalid_request",
+        ),
+        (
+            RequestRejected("big", reason="too_large", endpoint="submit", status_code=413),
+            "too_large",
+        ),
+    ],
+)
+async def test_a_refused_submit_is_dead_lettered_once(answer: Exception, reason: str) -> None:
+    h = Harness()
+    _scripted_submits(h, [answer])
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: bool(h.kafka.values("dead")))
+    assert [d["reason"] for d in h.kafka.values("dead")] == [reason]
+    assert h.kafka.values("results") == []
+    assert h.kafka.states("r1") == ["submitting", None]
+    assert h.client.submits == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        RateLimited(
+            "slow down", retry_after_s=0.01, limit_type="minute", endpoint="submit", status_code=429
+        ),
+        ApiTimeout("timed out", maybe_processed=True, endpoint="submit"),
+    ],
+)
+async def test_a_429_or_a_timeout_on_submit_is_retried(answer: Exception) -> None:
+    h = Harness()
+    _scripted_submits(h, [answer])
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: bool(h.kafka.values("results")))
+    assert h.kafka.values("dead") == []
+    assert h.kafka.states("r1") == ["submitting", "queued", "submitting", "submitted", None]
+    assert h.client.submits == 2
+
+
+async def test_an_hour_window_429_holds_submits_until_its_reset() -> None:
+    """Issue 14 item 2: an hour-window 429 holds submissions until its resetTime (not the
+    minute's retry), and the hold is not charged to the request's retry deadline."""
+    h = Harness(BRIDGE_RETRY_DEADLINE_S="0.2")
+    reset_at = datetime.now(UTC) + timedelta(seconds=0.8)
+    _scripted_submits(
+        h,
+        [
+            RateLimited(
+                "hour spent",
+                retry_after_s=0.01,
+                limit_type="hour",
+                reset_at=reset_at,
+                endpoint="submit",
+                status_code=429,
+            )
+        ],
+    )
+    submitted_at: list[datetime] = []
+    real = h.client.submit
+
+    async def stamped() -> Submission:
+        submitted_at.append(datetime.now(UTC))
+        return await real()
+
+    h.client.submit = stamped  # type: ignore[method-assign]
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: bool(h.kafka.values("results") or h.kafka.values("dead")))
+    assert h.kafka.values("dead") == []
+    assert [r["request_id"] for r in h.kafka.values("results")] == ["r1"]
+    assert len(submitted_at) == 2
+    assert submitted_at[1] >= reset_at - timedelta(seconds=0.05)
+
+
+async def test_a_failed_conversion_is_dead_lettered() -> None:
+    h = Harness()
+    _scripted_statuses(h, ["PROCESSING", "ERROR"])
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: bool(h.kafka.values("dead")))
+    letter = h.kafka.values("dead")[0]
+    assert letter["reason"] == "conversion_failed"
+    assert "bad scan" in letter["message"]
+    assert h.kafka.values("results") == []
+
+
+@pytest.mark.parametrize(("max_lost", "outcome"), [("1", "results"), ("0", "dead")])
+async def test_a_lost_conversion_is_resubmitted_within_its_budget(
+    max_lost: str, outcome: str
+) -> None:
+    h = Harness(BRIDGE_MAX_LOST_RESUBMITS=max_lost)
+    _scripted_statuses(h, [ConversionLost("unknown", endpoint="status", status_code=404)])
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: bool(h.kafka.values("results") or h.kafka.values("dead")))
+    assert len(h.kafka.values(outcome)) == 1
+    if outcome == "dead":
+        assert h.kafka.values("dead")[0]["reason"] == "conversion_lost"
+        assert h.client.submits == 1
+    else:
+        assert h.client.submits == 2
+        assert h.kafka.values("dead") == []
+
+
+async def test_a_conversion_past_its_deadline_is_dead_lettered_as_timeout() -> None:
+    h = Harness(BRIDGE_CONVERSION_DEADLINE_S="0.2")
+    _scripted_statuses(h, ["PROCESSING"] * 10_000)
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: bool(h.kafka.values("dead")))
+    assert h.kafka.values("dead")[0]["reason"] == "timeout"
+    assert h.kafka.values("results") == []
+
+
+async def test_a_dropped_partition_publishes_nothing_more() -> None:
+    """A revoked or lost partition: its entries are forgotten, their tasks cancelled."""
+    h = Harness()
+    gate = asyncio.Event()
+    h.client.submit_gate = gate
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    run = asyncio.get_running_loop().create_task(h.engine.run())
+    async with asyncio.timeout(5):
+        while h.client.submits < 1:
+            await asyncio.sleep(0.005)  # wait-ok: polling a condition under a deadline
+    h.engine.drop(0)
+    gate.set()
+    await asyncio.sleep(0.1)  # wait-ok: showing that nothing is written after the drop
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+    assert h.kafka.states("r1") == ["submitting"]
+    assert h.engine.counts() == dict.fromkeys(metrics.PENDING_STATES, 0)
