@@ -538,3 +538,39 @@ async def test_a_dropped_partition_publishes_nothing_more() -> None:
     await asyncio.gather(run, return_exceptions=True)
     assert h.kafka.states("r1") == ["submitting"]
     assert h.engine.counts() == dict.fromkeys(metrics.PENDING_STATES, 0)
+
+
+async def test_a_stale_intent_makes_no_call() -> None:
+    """The `submitting` record could not be committed (the partition changed owner): the
+    HTTP call must not happen, its next owner submits."""
+    h = Harness()
+    h.kafka.fail_waited = 1
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: bool(h.kafka.failed))
+    await asyncio.sleep(0.05)  # wait-ok: showing that no call follows
+    assert h.client.submits == 0
+    assert h.kafka.effects == []
+
+
+async def test_a_restored_submitted_entry_is_polled_not_submitted() -> None:
+    h = Harness()
+    restored = h.entry("r1")
+    restored.state, restored.conversion_id = "submitted", "c7"
+    restored.submitted_at = datetime.now(UTC)
+    h.engine.adopt(0, 1, [restored])
+    await h.run_until(lambda: bool(h.kafka.values("results")))
+    assert h.client.submits == 0
+    assert h.client.status_calls == 1
+
+
+async def test_an_in_doubt_entry_is_submitted_again_and_counted() -> None:
+    """Restored in `submitting`: the previous owner may have sent it; it is sent again and
+    counted as a resubmission (reason `recovery`)."""
+    h = Harness()
+    doubtful = h.entry("r1")
+    doubtful.state, doubtful.in_doubt = "submitting", True
+    before = metrics.RESUBMISSIONS.labels("recovery")._value.get()
+    h.engine.adopt(0, 1, [doubtful])
+    await h.run_until(lambda: bool(h.kafka.values("results")))
+    assert h.client.submits == 1
+    assert metrics.RESUBMISSIONS.labels("recovery")._value.get() - before == 1
