@@ -247,84 +247,108 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _table(title: str, header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table under a ``###`` title, then a blank line (cells as given)."""
+    return [
+        f"{title}\n",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+        "",
+    ]
+
+
 def tables(results: dict[str, Any]) -> str:
     """The results as Markdown tables (stdout and README share them)."""
     out: list[str] = []
     sc = results.get("scenarios", {})
     s1 = sc.get("1")
     if s1 and "contenders" in s1:
-        out.append(
-            f"### 1. Throughput at 600 calls/min (median {s1['processing']['median_s']:g} s; "
-            f"{s1['contenders'][0]['window_s']:.0f} s window, mode {s1.get('mode', '?')})\n"
-        )
-        out.append(
-            "| contender | docs/min | x naive | status calls/doc | API calls/doc | API calls/min "
-            "| 429s | share of 300/min | share of own limit | e2e p50/p95 s | submit→result "
-            "p50/p95 s |"
-        )
-        out.append("|" + "---|" * 11)
+        rows = []
         for c in s1["contenders"]:
             own = c["share_of_own_limit"]
-            out.append(
-                f"| {c['contender']} | {c['docs_per_min']} | {_fmt(c.get('speedup_vs_naive'))} "
-                f"| {_fmt(c['status_calls_per_doc'])} | {_fmt(c['api_calls_per_doc'])} "
-                f"| {c['api_calls_per_min']} | {c['rate_limited_429']} "
-                f"| {c['share_of_ideal_limit'] * 100:.0f} % "
-                f"| {'-' if own is None else f'{own * 100:.0f} %'} "
-                f"| {_fmt(c['latency_e2e_p50_s'])} / {_fmt(c['latency_e2e_p95_s'])} "
-                f"| {_fmt(c['latency_service_p50_s'])} / {_fmt(c['latency_service_p95_s'])} |"
+            rows.append(
+                [
+                    c["contender"],
+                    c["docs_per_min"],
+                    _fmt(c.get("speedup_vs_naive")),
+                    _fmt(c["status_calls_per_doc"]),
+                    _fmt(c["api_calls_per_doc"]),
+                    c["api_calls_per_min"],
+                    c["rate_limited_429"],
+                    f"{c['share_of_ideal_limit'] * 100:.0f} %",
+                    "-" if own is None else f"{own * 100:.0f} %",
+                    f"{_fmt(c['latency_e2e_p50_s'])} / {_fmt(c['latency_e2e_p95_s'])}",
+                    f"{_fmt(c['latency_service_p50_s'])} / {_fmt(c['latency_service_p95_s'])}",
+                ]
             )
-        out.append("")
+        out += _table(
+            f"### 1. Throughput at 600 calls/min (median {s1['processing']['median_s']:g} s; "
+            f"{s1['contenders'][0]['window_s']:.0f} s window, mode {s1.get('mode', '?')})",
+            [
+                *("contender", "docs/min", "x naive", "status calls/doc", "API calls/doc"),
+                *("API calls/min", "429s", "share of 300/min", "share of own limit"),
+                *("e2e p50/p95 s", "submit→result p50/p95 s"),
+            ],
+            rows,
+        )
     s2 = sc.get("2")
     if s2 and "measured" in s2:
         m = s2["measured"]
-        out.append(f"### 2. Raw pipeline cost, one replica (mode {s2.get('mode', '?')})\n")
-        out.append(
-            "| requests | seconds | requests/s | bridge CPU-s / 1,000 | cores used "
-            "| emulator CPU-s / 1,000 | dead letters |"
+        out += _table(
+            f"### 2. Raw pipeline cost, one replica (mode {s2.get('mode', '?')})",
+            [
+                *("requests", "seconds", "requests/s", "bridge CPU-s / 1,000", "cores used"),
+                *("emulator CPU-s / 1,000", "dead letters"),
+            ],
+            [
+                [
+                    *(m["requests"], m["seconds"], m["requests_per_s"]),
+                    *(m["bridge_cpu_s_per_1000"], m["bridge_cpu_utilisation_cores"]),
+                    *(m["emulator_cpu_s_per_1000"], m["dead_letters"]),
+                ]
+            ],
         )
-        out.append("|" + "---|" * 7)
-        out.append(
-            f"| {m['requests']} | {m['seconds']} | {m['requests_per_s']} "
-            f"| {m['bridge_cpu_s_per_1000']} | {m['bridge_cpu_utilisation_cores']} "
-            f"| {m['emulator_cpu_s_per_1000']} | {m['dead_letters']} |"
-        )
-        out.append("")
     s3 = sc.get("3")
     if s3 and "rss_mb_peak" in s3:
-        out.append(f"### 3. Pending set (mode {s3.get('mode', '?')})\n")
-        out.append(
-            "| pending | fill s | submits/s | RSS peak MB | RSS after restart MB "
-            "| restore metric s | start→ready s | start→all adopted s |"
+        out += _table(
+            f"### 3. Pending set (mode {s3.get('mode', '?')})",
+            [
+                *("pending", "fill s", "submits/s", "RSS peak MB", "RSS after restart MB"),
+                *("restore metric s", "start→ready s", "start→all adopted s"),
+            ],
+            [
+                [
+                    f"{s3['requests']:,}",
+                    *(s3["fill_s"], s3["submits_per_s"], s3["rss_mb_peak"]),
+                    *(s3.get("restart_rss_mb_peak"), s3["restore_seconds_metric_sum"]),
+                    *(s3["restart_ready_s"], s3.get("restart_adopted_s")),
+                ]
+            ],
         )
-        out.append("|" + "---|" * 8)
-        out.append(
-            f"| {s3['requests']:,} | {s3['fill_s']} | {s3['submits_per_s']} | {s3['rss_mb_peak']} "
-            f"| {s3.get('restart_rss_mb_peak')} | {s3['restore_seconds_metric_sum']} "
-            f"| {s3['restart_ready_s']} | {s3.get('restart_adopted_s')} |"
-        )
-        out.append("")
     s4 = sc.get("4")
     if s4 and "simulated" in s4:
-        out.append(f"### 4. Polling efficiency (mode {s4.get('mode', '?')})\n")
-        out.append(
-            "| median | policy | status calls/conversion | delay p50 s | delay p95 s "
-            "| target p95 s |"
+        runs = [(r, f"{r['policy']} (simulated)") for r in s4["simulated"]]
+        runs += [
+            (r, f"{r['contender']} (live, {r['conversions']} conv.)") for r in s4.get("live", [])
+        ]
+        out += _table(
+            f"### 4. Polling efficiency (mode {s4.get('mode', '?')})",
+            [
+                *("median", "policy", "status calls/conversion", "delay p50 s", "delay p95 s"),
+                "target p95 s",
+            ],
+            [
+                [
+                    f"{r['median_s']:g} s",
+                    policy,
+                    *(r["status_calls_per_conversion"], r["detection_delay_p50_s"]),
+                    r["detection_delay_p95_s"],
+                    f"{r['target_delay_p95_s']:g}",
+                ]
+                for r, policy in runs
+            ],
         )
-        out.append("|" + "---|" * 6)
-        for r in s4["simulated"]:
-            out.append(
-                f"| {r['median_s']:g} s | {r['policy']} (simulated) "
-                f"| {r['status_calls_per_conversion']} | {r['detection_delay_p50_s']} "
-                f"| {r['detection_delay_p95_s']} | {r['target_delay_p95_s']:g} |"
-            )
-        for r in s4.get("live", []):
-            out.append(
-                f"| {r['median_s']:g} s | {r['contender']} (live, {r['conversions']} conv.) "
-                f"| {r['status_calls_per_conversion']} | {r['detection_delay_p50_s']} "
-                f"| {r['detection_delay_p95_s']} | {r['target_delay_p95_s']:g} |"
-            )
-        out.append("")
     out.extend(_tables_big(sc))
     verdicts = judge(results)
     if verdicts:
@@ -346,71 +370,84 @@ def _tables_big(sc: dict[str, Any]) -> list[str]:
         s5 = sc.get(key)
         if not (s5 and "rss_mb_peak_vmhwm" in s5):
             continue
-        out.append(
+        out += _table(
             f"### {key}. {title}, budget {s5['config']['BRIDGE_MEMORY_BUDGET_MB']} MB "
-            f"(mode {s5.get('mode', '?')})\n"
+            f"(mode {s5.get('mode', '?')})",
+            [
+                *("pending", "fill s", "MB/s", "RSS filled MB", "peak (VmHWM) MB"),
+                *("kill→ready s", "kill→all pending s", "restore metric s", "RSS restored MB"),
+                "load (1 min)",
+            ],
+            [
+                [
+                    f"{s5['requests']:,}",
+                    *(s5["fill_s"], s5["fill_mb_per_s"], s5["rss_mb_filled"]),
+                    *(s5["rss_mb_peak_vmhwm"], s5["restart_kill_to_ready_s"]),
+                    *(s5["restart_kill_to_all_pending_s"], s5["restore_seconds_metric_sum"]),
+                    s5.get("restart_rss_mb"),
+                    (s5.get("load_average_restore") or ["?"])[0],
+                ]
+            ],
         )
-        out.append(
-            "| pending | fill s | MB/s | RSS filled MB | peak (VmHWM) MB | kill→ready s "
-            "| kill→all pending s | restore metric s | RSS restored MB | load (1 min) |"
-        )
-        out.append("|" + "---|" * 10)
-        out.append(
-            f"| {s5['requests']:,} | {s5['fill_s']} | {s5['fill_mb_per_s']} "
-            f"| {s5['rss_mb_filled']} | {s5['rss_mb_peak_vmhwm']} "
-            f"| {s5['restart_kill_to_ready_s']} | {s5['restart_kill_to_all_pending_s']} "
-            f"| {s5['restore_seconds_metric_sum']} | {s5.get('restart_rss_mb')} "
-            f"| {(s5.get('load_average_restore') or ['?'])[0]} |"
-        )
-        out.append("")
     s6 = sc.get("6")
     if s6 and "input_uncompressed" in s6:
-        out.append(f"### 6. Bytes stored per input byte (mode {s6.get('mode', '?')})\n")
-        out.append(
-            "| input produced | requests | input MB | documents | changelog | results "
-            "| dedupe | dead letters | total / input |"
-        )
-        out.append("|" + "---|" * 9)
+        rows = []
         for key in ("input_uncompressed", "input_zstd"):
             r = s6.get(key) or {}
             if "per_input_byte" not in r:
                 continue
             per = r["per_input_byte"]
-            out.append(
-                f"| {r['input_compression']} | {r['requests']} | {r['stored_mb']['input']} "
-                f"| {per['documents']} | {per['changelog']} | {per['results']} "
-                f"| {per['dedupe']} | {per['dead_letters']} "
-                f"| {r['amplification_vs_input_topic']} |"
+            rows.append(
+                [
+                    *(r["input_compression"], r["requests"], r["stored_mb"]["input"]),
+                    *(per["documents"], per["changelog"], per["results"], per["dedupe"]),
+                    *(per["dead_letters"], r["amplification_vs_input_topic"]),
+                ]
             )
-        out.append("")
+        out += _table(
+            f"### 6. Bytes stored per input byte (mode {s6.get('mode', '?')})",
+            [
+                *("input produced", "requests", "input MB", "documents", "changelog"),
+                *("results", "dedupe", "dead letters", "total / input"),
+            ],
+            rows,
+        )
     s7 = sc.get("7")
     if s7 and "outcomes_of_big" in s7:
-        out.append(f"### 7. A 3 MB result, results topic at 1048588 (mode {s7.get('mode', '?')})\n")
-        out.append(
-            "| big request | finished→dead letter s | seen by bridge→dead letter s "
-            "| small results | aborted transactions | status calls |"
+        out += _table(
+            f"### 7. A 3 MB result, results topic at 1048588 (mode {s7.get('mode', '?')})",
+            [
+                *("big request", "finished→dead letter s", "seen by bridge→dead letter s"),
+                *("small results", "aborted transactions", "status calls"),
+            ],
+            [
+                [
+                    ", ".join(s7["outcomes_of_big"]),
+                    s7.get("finished_to_dead_letter_s"),
+                    s7.get("detected_to_dead_letter_s"),
+                    f"{s7['small_results']} / 5",
+                    f"{s7['transactions_aborted']:g}",
+                    s7["emulator_status_calls"],
+                ]
+            ],
         )
-        out.append("|" + "---|" * 6)
-        out.append(
-            f"| {', '.join(s7['outcomes_of_big'])} | {s7.get('finished_to_dead_letter_s')} "
-            f"| {s7.get('detected_to_dead_letter_s')} | {s7['small_results']} / 5 "
-            f"| {s7['transactions_aborted']:g} | {s7['emulator_status_calls']} |"
-        )
-        out.append("")
     s8 = sc.get("8")
     if s8 and "rss_mb_holding" in s8:
-        out.append(f"### 8. Dedupe window memory (mode {s8.get('mode', '?')})\n")
-        out.append(
-            "| ids | bytes/id (tracemalloc) | RSS bare MB | after import MB | holding MB "
-            "| for the ids MB | peak MB |"
+        out += _table(
+            f"### 8. Dedupe window memory (mode {s8.get('mode', '?')})",
+            [
+                *("ids", "bytes/id (tracemalloc)", "RSS bare MB", "after import MB"),
+                *("holding MB", "for the ids MB", "peak MB"),
+            ],
+            [
+                [
+                    f"{s8['ids']:,}",
+                    *(s8["bytes_per_id_tracemalloc"], s8["rss_mb_bare"]),
+                    *(s8["rss_mb_after_import"], s8["rss_mb_holding"], s8["rss_mb_for_ids"]),
+                    s8["vmhwm_mb"],
+                ]
+            ],
         )
-        out.append("|" + "---|" * 7)
-        out.append(
-            f"| {s8['ids']:,} | {s8['bytes_per_id_tracemalloc']} | {s8['rss_mb_bare']} "
-            f"| {s8['rss_mb_after_import']} | {s8['rss_mb_holding']} | {s8['rss_mb_for_ids']} "
-            f"| {s8['vmhwm_mb']} |"
-        )
-        out.append("")
     return out
 
 
