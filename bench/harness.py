@@ -34,7 +34,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from service.config import Settings
 from service.devkit.outcomes import OutcomeCollector
-from service.devkit.ports import free_port
 from service.devkit.processes import BridgeProcess, EmulatorProcess, running_redis
 from service.devkit.producing import PacedProducer, Record
 from service.kafka.topics import dedupe_topic, documents_topic, topic_specs
@@ -263,14 +262,8 @@ class Run:
 
     def bridge(self, name: str, emulator: EmulatorProcess, **overrides: str) -> BridgeProcess:
         """A bridge replica of this run (not started)."""
-        port = free_port()
-        env = self.bridge_env(
-            emulator,
-            BRIDGE_INSTANCE_ID=f"{name}-{uuid.uuid4().hex[:6]}",
-            BRIDGE_METRICS_PORT=str(port),
-            **overrides,
-        )
-        return BridgeProcess(name, env, self.workdir / f"{name}.log", port, cwd=REPO)
+        env = self.bridge_env(emulator, **overrides)
+        return BridgeProcess.replica(name, env, self.workdir / f"{name}.log", cwd=REPO)
 
 
 @dataclass

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service import samples
-from service.devkit.ports import free_port
 from service.devkit.processes import BridgeProcess, EmulatorProcess, ProcessError, ProcessExited
 from service.devkit.serving import serve_files
 from service.messages import DocumentRequest
@@ -156,7 +155,6 @@ def start_bridge(
     run: DemoRun, emulator: EmulatorProcess, *, echo: Callable[[str], None]
 ) -> BridgeProcess:
     """One bridge replica on the run's topics, ready."""
-    port = free_port()
     env = {
         **os.environ,
         **run.topics,
@@ -165,10 +163,11 @@ def start_bridge(
         "DOCUTRAY_BASE_URL": emulator.base_url,
         "REDIS_URL": os.environ.get("REDIS_URL", ""),
         "BRIDGE_GROUP_ID": f"{run.name}-bridge",
-        "BRIDGE_METRICS_PORT": str(port),
         "BRIDGE_INSTANCE_ID": f"{run.name}-1",
     }
-    bridge = BridgeProcess("bridge", env, run.workdir / "bridge.log", port)
+    env.pop("BRIDGE_METRICS_PORT", None)
+    bridge = BridgeProcess.replica("bridge", env, run.workdir / "bridge.log")
+    port = bridge.metrics_port
     echo(f"[2/5] starting the bridge (log: {bridge.log_path}, metrics :{port}/metrics)")
     with _started("the bridge", bridge.log_path):
         bridge.start().wait_ready(60)

@@ -190,6 +190,20 @@ class BridgeProcess:
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
 
+    @classmethod
+    def replica(
+        cls, name: str, env: Mapping[str, str], log_path: Path, *, cwd: Path | None = None
+    ) -> BridgeProcess:
+        """A replica (not started) with its own ops port (``BRIDGE_METRICS_PORT``, free
+        unless `env` sets it) and instance id (``<name>-<random>`` unless `env` sets it)."""
+        port = int(env.get("BRIDGE_METRICS_PORT") or free_port())
+        full_env = {
+            "BRIDGE_INSTANCE_ID": f"{name}-{secrets.token_hex(3)}",
+            **env,
+            "BRIDGE_METRICS_PORT": str(port),
+        }
+        return cls(name, full_env, log_path, port, cwd=cwd)
+
     @property
     def ops(self) -> OpsEndpoint:
         """Its ops endpoint."""
