@@ -337,6 +337,10 @@ class Engine(EngineHooks):
             self._systemic.tick()
             if not self._systemic.paused:
                 free = self._s.max_inflight_submits - len(self._submit_tasks)
+                if self._systemic.probing_quota:
+                    # The first submit after a 402 is the probe: one at a time until one is
+                    # accepted, so a spent quota costs one 402 per probe, not a burst.
+                    free = min(free, 1 - len(self._submit_tasks))
                 if free > 0 and not self._systemic.submits_held:
                     for key in self._submit_due.pop_due(now, limit=free):
                         if key[0] in self._revoking:
@@ -684,21 +688,26 @@ class Engine(EngineHooks):
             )
             if not committed or not self._owned(entry):
                 return
-            # Step 2: a connection slot, then the permit, right before the call.
+            # Step 2: a connection slot, then the permit, right before the call; after a 402,
+            # one submit at a time (the quota's probe) while the others wait for its answer.
             async with self._slots["submit"]:
                 if not await self._permit("submit", entry, self._submit_due):
                     self._not_called(entry)
                     return
-                self._in_call.add(key)
-                if resubmission:
-                    metrics.RESUBMISSIONS.labels("recovery").inc()
-                    entry.in_doubt = False
-                # Step 3: the call.
-                try:
-                    submission = await self._call_submit(accepted, entry)
-                except (DocuTrayError, FetchError) as exc:
-                    await self._submit_failed(entry, exc)
-                    return
+                async with self._systemic.probe_turn() as go:
+                    if not go:  # the probe got a 402: submissions are held again
+                        self._not_called(entry)
+                        return
+                    self._in_call.add(key)
+                    if resubmission:
+                        metrics.RESUBMISSIONS.labels("recovery").inc()
+                        entry.in_doubt = False
+                    # Step 3: the call.
+                    try:
+                        submission = await self._call_submit(accepted, entry)
+                    except (DocuTrayError, FetchError) as exc:
+                        await self._submit_failed(entry, exc)
+                        return
         except asyncio.CancelledError:
             if key not in self._in_call:
                 self._not_called(entry)

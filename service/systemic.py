@@ -9,8 +9,9 @@ One :class:`Systemic` per engine holds both kinds, and what each one costs:
 - **Submit holds** on the limiter's shared gate (a 402's ``quota_exhausted`` pause, the
   block an hour or day 429 sets until its reset, the optional hour/day budgets' windows):
   submissions wait on every replica while status calls go on. The quota pause lasts until
-  the quota's reset, but never longer than ``quota_probe_interval_s``; the first submits
-  after it are the probe (a quota still spent answers 402 and pauses again).
+  the quota's reset, but never longer than ``quota_probe_interval_s``; the first submit
+  after it is the probe (one at a time on a replica that got the 402, until one is
+  accepted; a quota still spent answers 402 and pauses again).
 
 Neither is the request's fault, so time spent in either does not count against a
 request's retry deadline (:meth:`Systemic.paused_s`), and time in a consumption pause
@@ -22,9 +23,10 @@ pause before a restart is not known to the next owner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -120,6 +122,9 @@ class Systemic:
         self._quota_since: float | None = None
         self._paused_time = PausedTime()
         self._stopped_time = PausedTime()
+        #: A quota probe (a submit after a 402) is under way; others wait for its answer.
+        self._probe_busy = False
+        self._probe_done = asyncio.Condition()
 
     # ---- what the engine asks ----
 
@@ -143,6 +148,34 @@ class Systemic:
         if self._quota_since is not None or (hold is not None and hold.reason == "quota_exhausted"):
             return frozenset({"quota_exhausted"})
         return frozenset()
+
+    @property
+    def probing_quota(self) -> bool:
+        """Whether this replica got a 402 and no submit was accepted since: its next submit
+        is the quota's probe (the engine sends one at a time then)."""
+        return self._quota_since is not None
+
+    @contextlib.asynccontextmanager
+    async def probe_turn(self) -> AsyncIterator[bool]:
+        """Around a submit's call (its permit taken): while :attr:`probing_quota`, one
+        submit at a time; the others wait for its answer, then go on together if it was
+        accepted, or yield False if it got a 402 (submissions are held again: do not call).
+        A backlog meeting a quota still spent so costs one 402 per probe, not a burst."""
+        waited = False
+        async with self._probe_done:
+            while self._quota_since is not None and self._probe_busy:
+                waited = True
+                await self._probe_done.wait()
+            go = not (waited and self.submits_held)
+            mine = go and self._quota_since is not None
+            self._probe_busy = self._probe_busy or mine
+        try:
+            yield go
+        finally:
+            if mine:
+                async with self._probe_done:
+                    self._probe_busy = False
+                    self._probe_done.notify_all()
 
     def tick(self) -> None:
         """Note whether calls are paused, or submissions held, now (the dispatcher calls this

@@ -28,11 +28,20 @@ class FakeDocuTray:
         self.quota_spent = False
         self.done = False
         self.metadata: list[Any] = []
+        self.in_call = 0
+        #: The most submits under way at once while the quota was spent.
+        self.max_in_call = 0
 
     async def submit_url(self, **kwargs: Any) -> Submission:
         self.submits += 1
         self.metadata.append(kwargs.get("metadata"))
         if self.quota_spent:
+            self.in_call += 1
+            self.max_in_call = max(self.max_in_call, self.in_call)
+            try:
+                await asyncio.sleep(0.02)  # wait-ok: the call's latency, so overlaps show
+            finally:
+                self.in_call -= 1
             raise QuotaExhausted("monthly quota", endpoint="submit", status_code=402, quota=5)
         return Submission(conversion_id=f"c{self.submits}", status_url="/s", status="ENQUEUED")
 
@@ -134,3 +143,19 @@ async def test_a_wake_up_makes_one_status_call_due_now() -> None:
         if rec.topic == "results" and rec.value
     )
     assert result["metadata"] == {"own": 1}
+
+
+async def test_after_a_402_one_submit_at_a_time_probes_the_quota() -> None:
+    """Issue 14 gap: when the quota pause ends, the first submit is the probe; a backlog
+    must not send a burst of submits that each get a 402 while the quota is still spent."""
+    engine, kafka, client, documents = make(BRIDGE_QUOTA_PROBE_INTERVAL_S="0.2")
+    client.quota_spent = True
+    engine.adopt(0, 1, [entry(documents, "r0", 0)])
+    await run_until(engine, lambda: "quota_exhausted" in engine.hold_reasons)
+    engine.adopt(0, 1, [entry(documents, f"r{i}", i) for i in range(1, 10)])
+    await run_until(engine, lambda: client.submits >= 4)  # three probes after the first 402
+    assert client.max_in_call == 1
+    assert "dead" not in kafka.topics()
+    client.quota_spent = False
+    await run_until(engine, lambda: all(e.state == "submitted" for e in engine._entries.values()))
+    assert engine.hold_reasons == frozenset()
