@@ -18,6 +18,7 @@ import pytest
 from service import metrics
 from service.docutray import (
     ApiTimeout,
+    ApiUnreachable,
     ConversionLost,
     ConversionStatus,
     InvalidApiKey,
@@ -574,3 +575,37 @@ async def test_an_in_doubt_entry_is_submitted_again_and_counted() -> None:
     await h.run_until(lambda: bool(h.kafka.values("results")))
     assert h.client.submits == 1
     assert metrics.RESUBMISSIONS.labels("recovery")._value.get() - before == 1
+
+
+async def test_transport_failures_past_the_unreachable_window_pause_then_resume() -> None:
+    """DocuTray unreachable for longer than BRIDGE_UNREACHABLE_PAUSE_AFTER_S: consumption
+    pauses as `api_unreachable` (no dead letter, the retry deadline is not charged for the
+    pause), the probe resumes it, and the request completes."""
+    h = Harness(
+        BRIDGE_UNREACHABLE_PAUSE_AFTER_S="0.05",
+        BRIDGE_SYSTEMIC_PROBE_INTERVAL_S="0.3",
+        BRIDGE_RETRY_DEADLINE_S="0.25",
+    )
+    down = True
+    real = h.client.submit
+
+    async def unreachable() -> Submission:
+        if down:
+            await asyncio.sleep(0.02)  # wait-ok: the failed connection's latency
+            raise ApiUnreachable("connection refused", maybe_processed=False, endpoint="submit")
+        return await real()
+
+    async def probe(**_: Any) -> None:
+        if down:
+            raise ApiUnreachable("connection refused", maybe_processed=False, endpoint="submit")
+
+    h.client.submit = unreachable  # type: ignore[method-assign]
+    h.client.list_document_types = probe  # type: ignore[method-assign]
+    h.engine.adopt(0, 1, [h.entry("r1")])
+    await h.run_until(lambda: "api_unreachable" in h.kafka.paused)
+    assert h.engine.paused_reasons == frozenset({"api_unreachable"})
+    down = False
+    await h.run_until(lambda: bool(h.kafka.values("results") or h.kafka.values("dead")))
+    assert h.kafka.values("dead") == []
+    assert [r["request_id"] for r in h.kafka.values("results")] == ["r1"]
+    assert h.kafka.paused == set()
