@@ -57,6 +57,7 @@ def _patient(call: Callable[[], T]) -> T:
 def convert(client: docutray.Client, request: dict[str, Any]) -> dict[str, Any]:
     """One document through the SDK: submit, wait, and the result in the bridge's shape."""
     source = request["source"]
+    received_at = time.time()
     status = _patient(
         lambda: client.convert.run_async(
             document_type_code=request["document_type_code"],
@@ -89,6 +90,9 @@ def convert(client: docutray.Client, request: dict[str, Any]) -> dict[str, Any]:
         "data": final.data or {},
         "metadata": request.get("metadata"),
         "timings": {
+            # The bridge's result shape (service.messages.ConversionResult), so that the
+            # bench reads both contenders' results with the same parser.
+            "received_at": _iso(received_at),
             "submitted_at": _iso(submitted_at),
             "completed_at": final.response_timestamp.isoformat()
             if final.response_timestamp
