@@ -19,6 +19,7 @@ from service.devkit.outcomes import SeenOutcome
 from service.devkit.ports import free_port, free_ports, port_is_free
 from service.devkit.processes import (
     EmulatorProcess,
+    OpsEndpoint,
     ProcessError,
     ProcessExited,
     emulator_args,
@@ -214,3 +215,14 @@ def test_seen_outcomes_keep_ids_verdicts_and_timings() -> None:
 
     junk = SeenOutcome.of(Outcome("t", 0, 2, None, None, b"junk"), seen_at=11.0)
     assert (junk.request_id, junk.ok, junk.reason) == (None, False, "unreadable")
+
+
+def test_ops_endpoint_readiness_fails_at_once_on_exit_and_quotes_the_log() -> None:
+    ops = OpsEndpoint(free_port())  # nothing listens there
+    assert not ops.ready()
+    started = time.monotonic()
+    with pytest.raises(ProcessExited, match="bridge b1 exited:\nthe log"):
+        ops.wait_ready(30, name="b1", alive=lambda: False, tail=lambda: "the log")
+    assert time.monotonic() - started < 5
+    with pytest.raises(TimeoutError, match=r"bridge b1 ready within 0\.3 s\nthe log"):
+        ops.wait_ready(0.3, name="b1", alive=lambda: True, tail=lambda: "the log")
