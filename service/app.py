@@ -47,6 +47,7 @@ from service.documents import DocumentReader
 from service.docutray import DocuTrayClient
 from service.health import Probe, create_ops_app, liveness, readiness
 from service.kafka.effects import Channel
+from service.kafka.io import KafkaIO
 from service.kafka.settings import KafkaErrorLog, KafkaSettings
 from service.kafka.topics import (
     TopicLayout,
@@ -57,7 +58,6 @@ from service.kafka.topics import (
     producer_max_message_bytes,
     record_limits,
 )
-from service.kafkaio import KafkaIO
 from service.logging import register_secrets
 from service.pipeline import Engine, EngineSettings
 from service.ratelimit import RateLimiter, build_limiter

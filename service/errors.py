@@ -4,9 +4,9 @@
 
     BridgeError
     ├── config.SettingsError            a setting is missing or has a bad value
-    ├── topics.TopicError               a topic is missing or set up wrong (one line says how)
-    ├── kafkaio.FatalKafkaError         the producer was fenced or Kafka failed fatally
-    ├── kafkaio.StaleEffect             an effect for a partition this replica no longer owns
+    ├── kafka.topics.TopicError         a topic is missing or set up wrong (one line says how)
+    ├── kafka.errors.FatalKafkaError    the producer was fenced or Kafka failed fatally
+    ├── kafka.errors.StaleEffect        an effect for a partition this replica no longer owns
     ├── documents.DocumentMissing       a pending request's document cannot be read back
     ├── fetch.FetchError                a document URL could not be downloaded (fetch mode)
     │   ├── TransientFetchError         a later attempt may succeed (timeout, 5xx, ...)

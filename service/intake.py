@@ -1,10 +1,12 @@
-"""Turning a raw input record into a request, or into a reason to dead-letter it.
+"""Judging a raw input record: a new request, a re-send, or a reason to dead-letter it.
 
-Pure functions, no I/O: the pipeline calls :func:`parse_record` for every
-consumed record and gets either an :class:`Accepted` request or a
-:class:`Rejected` verdict with a closed reason code and a message that says
-what to fix. Nothing here raises on hostile input: any bytes, any key, any
-headers end in one of the two.
+No I/O: the Kafka thread calls :func:`judge_record` for every consumed record and
+gets a verdict: :class:`New` (the request becomes pending), :class:`Duplicate` (a
+re-send of a request that is pending or finished within the dedupe window: nothing
+to do) or :class:`Rejected` (a closed reason code and a message that says what to
+fix). :func:`parse_record` judges the record alone (value, key, headers); whether
+its request id is known comes from the caller (:class:`KnownIds`). Nothing here
+raises on hostile input: any bytes, any key, any headers end in a verdict.
 
 Large base64 payloads are judged by their length before anything is decoded,
 so a payload that would decode to 150 MB is refused without decoding it. The
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import structlog
 from pydantic import ValidationError
 
+from service.dedupe import REPLAY_HEADER, Remembered, content_hash, judge_resend
 from service.messages import (
     ROUTE_METADATA_KEY,
     SUPPORTED_CONTENT_TYPES,
@@ -49,6 +53,8 @@ MAX_JSON_DEPTH = 64
 #: record may carry, and the most bytes of its key.
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 
+log = structlog.get_logger(__name__)
+
 #: One header as read from Kafka: the key as text, as bytes (when the client could not decode
 #: it), or None (not UTF-8 and its bytes are lost); the value as bytes, text or None.
 RawHeader = tuple[str | bytes | None, str | bytes | None]
@@ -70,6 +76,50 @@ class Rejected:
     message: str
     request_id: str | None = None
     document_type_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class New:
+    """A valid request not seen before (or a replay of a dead-lettered one): it becomes pending."""
+
+    accepted: Accepted
+    #: Its content hash (a re-send is recognised by it).
+    content_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """A re-send of a request that is pending or finished within the dedupe window: ignored."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """A consumed record, captured losslessly, and what becomes of it."""
+
+    original: OriginalRecord
+    verdict: New | Duplicate | Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class RecordLimits:
+    """The settings a record is judged by (BRIDGE_MAX_*_BYTES, BRIDGE_DEDUPE_WINDOW_S)."""
+
+    max_request_bytes: int
+    max_document_bytes: int
+    max_header_bytes: int
+    dedupe_window_s: float
+
+
+class KnownIds(Protocol):
+    """What the partition's owner knows of a request id."""
+
+    def pending_content(self, request_id: str) -> str | None:
+        """The content hash of the pending request with this id ("" if unreadable), or None."""
+
+    def finished(self, request_id: str) -> Remembered | None:
+        """What finished under this id within the dedupe window, or None."""
 
 
 def sniff_content_type(head: bytes) -> str | None:
@@ -262,6 +312,91 @@ def key_as_request_id(key: bytes | str | None) -> str | None:
     return None
 
 
+def judge_record(
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int | None,
+    key: bytes | None,
+    value: bytes | None,
+    read_headers: Callable[[], Sequence[RawHeader]],
+    limits: RecordLimits,
+    known: KnownIds,
+) -> Judged:
+    """Judge one consumed record (step 1 of the guarantee in :mod:`service.kafka`). Never raises.
+
+    `read_headers` is called here, inside the guard: the Kafka client may fail reading
+    a record's headers, and no record may end the Kafka thread (it gets a dead letter).
+    """
+    try:
+        headers = read_headers()
+        original = original_record(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            timestamp_ms=timestamp_ms,
+            key=key,
+            value=value,
+            headers=headers,
+        )
+        verdict = parse_record(
+            value,
+            max_request_bytes=limits.max_request_bytes,
+            max_document_bytes=limits.max_document_bytes,
+            key=key,
+            headers=headers,
+            max_header_bytes=limits.max_header_bytes,
+        )
+    except Exception as exc:  # no record may end the thread: it gets a dead letter instead
+        log.exception("record_unreadable", partition=partition, offset=offset)
+        original = original_record(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            timestamp_ms=None,
+            key=key,
+            value=value,
+            headers=None,
+        )
+        unreadable = Rejected(
+            DeadLetterReason.MALFORMED_RECORD,
+            f"the bridge could not read this record ({type(exc).__name__}: {exc}); "
+            "its headers are left out",
+        )
+        return Judged(original, unreadable)
+    if not isinstance(verdict, Accepted):
+        return Judged(original, verdict)
+    return Judged(original, _judge_resend(verdict, original, known, limits.dedupe_window_s))
+
+
+def _judge_resend(
+    verdict: Accepted, original: OriginalRecord, known: KnownIds, dedupe_window_s: float
+) -> New | Duplicate | Rejected:
+    """A valid request: new (to the changelog), a re-send (nothing), or an id conflict."""
+    request = verdict.request
+    rid = request.request_id
+    content = content_hash(request.model_dump(mode="json"))
+    decision = judge_resend(
+        content,
+        pending_content=known.pending_content(rid),
+        finished=known.finished(rid),
+        replay=any(h.key == REPLAY_HEADER for h in original.headers),
+    )
+    if decision == "duplicate":
+        return Duplicate(rid)
+    if decision == "conflict":
+        return Rejected(
+            DeadLetterReason.REQUEST_ID_CONFLICT,
+            f"request id {rid} was used by a different request within "
+            f"BRIDGE_DEDUPE_WINDOW_S={dedupe_window_s:g} s; give each request its "
+            "own id",
+            rid,
+            request.document_type_code,
+        )
+    return New(verdict, content)
+
+
 def parse_record(
     value: bytes | None,
     *,
@@ -298,14 +433,10 @@ def parse_record(
     )
 
 
-def _judge_value(
-    value: bytes | None,
-    *,
-    max_request_bytes: int,
-    max_document_bytes: int,
-    key: bytes | str | None,
-) -> Accepted | Rejected:
-    key_id = key_as_request_id(key)
+def _read_object(
+    value: bytes | None, *, max_request_bytes: int, key_id: str | None
+) -> dict[str, Any] | Rejected:
+    """The record value as a JSON object, or why it is not one (size, UTF-8, JSON, type)."""
     if value is None:
         return Rejected(
             DeadLetterReason.MALFORMED_RECORD,
@@ -349,6 +480,20 @@ def _judge_value(
             "record value has a lone UTF-16 surrogate escape (\\udXXX): not valid Unicode text",
             key_id,
         )
+    return raw
+
+
+def _judge_value(
+    value: bytes | None,
+    *,
+    max_request_bytes: int,
+    max_document_bytes: int,
+    key: bytes | str | None,
+) -> Accepted | Rejected:
+    key_id = key_as_request_id(key)
+    raw = _read_object(value, max_request_bytes=max_request_bytes, key_id=key_id)
+    if isinstance(raw, Rejected):
+        return raw
     rid = raw.get("request_id")
     request_id = rid if isinstance(rid, str) and 0 < len(rid) <= 256 else key_id
     dtc = raw.get("document_type_code")
@@ -373,7 +518,11 @@ def _judge_value(
             request.request_id,
             request.document_type_code,
         )
+    return _judge_document(request, max_document_bytes=max_document_bytes)
 
+
+def _judge_document(request: DocumentRequest, *, max_document_bytes: int) -> Accepted | Rejected:
+    """A valid request's inline document: its size (before decoding) and its magic bytes."""
     source = request.source
     if source.base64 is None:
         return Accepted(request, source.content_type)

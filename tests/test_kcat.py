@@ -30,7 +30,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from service.kafkaio import KafkaIO
+from service.kafka.io import KafkaIO
 from service.messages import DeadLetter, DeadLetterReason
 from tests.fixtures.bridge import Rig, assert_exactly_once, pdf_request
 from tests.fixtures.stack import wait_for

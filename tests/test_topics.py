@@ -48,7 +48,7 @@ MiB = 1024 * 1024
 
 
 class RecordedErrors:
-    """The admin client's error callback (the bridge passes kafkaio.KafkaErrorLog)."""
+    """The admin client's error callback (the bridge passes settings.KafkaErrorLog)."""
 
     def __init__(self) -> None:
         self.last: str | None = None

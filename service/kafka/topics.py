@@ -77,11 +77,11 @@ _EAGER_COMPACTION = {
 
 
 class TopicError(BridgeError):
-    """A topic is missing, cannot be created or read, or has a setting the bridge cannot run with."""
+    """A topic is missing, cannot be created or read, or has a setting the bridge cannot use."""
 
 
 class ClientErrors(Protocol):
-    """librdkafka's error callback that remembers the last error (``kafkaio.KafkaErrorLog``)."""
+    """librdkafka's error callback that remembers the last error (``KafkaErrorLog``)."""
 
     last: str | None
     auth_failed: bool
@@ -155,121 +155,151 @@ def dedupe_topic(settings: Settings) -> str:
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     """Every topic the bridge uses, the input first."""
-    requests = request_record_bytes(settings)
-    max_request = settings.max_request_bytes
-    window_ms = round(settings.dedupe_window_s * 1000)
     return [
-        TopicSpec(
-            role="input",
-            name=settings.input_topic,
-            label="input",
-            co_partitioned=True,
-            config={"max.message.bytes": str(requests)},
-            needs=(
-                Need(
-                    "max.message.bytes",
-                    str(max_request + RECORD_MARGIN_BYTES),
-                    at_least=True,
-                    why=f"BRIDGE_MAX_REQUEST_BYTES={max_request} plus "
-                    f"{RECORD_MARGIN_BYTES} for key and headers",
-                    instead=lambda found: _lower_to(
-                        "BRIDGE_MAX_REQUEST_BYTES", found - RECORD_MARGIN_BYTES, minimum=1024
-                    ),
-                ),
-            ),
-        ),
-        TopicSpec(
-            role="results",
-            name=settings.result_topic,
-            label="results topic",
-            co_partitioned=False,
-            # No need: a result over the topic's limit becomes a `result_too_large` dead letter.
-            config={"max.message.bytes": str(settings.max_result_bytes)},
-        ),
-        TopicSpec(
-            role="dead_letters",
-            name=settings.dead_letter_topic,
-            label="dead-letter topic",
-            co_partitioned=False,
-            config={"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)},
-            needs=(
-                Need(
-                    "max.message.bytes",
-                    str(KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
-                    at_least=True,
-                    why="Kafka's default, room for a bounded dead letter",
-                ),
-            ),
-        ),
-        TopicSpec(
-            role="changelog",
-            name=settings.changelog,
-            label="changelog",
-            co_partitioned=True,
-            config={"cleanup.policy": "compact", **_EAGER_COMPACTION},
-            needs=(
-                Need(
-                    "cleanup.policy",
-                    "compact",
-                    why="pending conversions are kept by compaction, never deleted by age",
-                ),
-            ),
-        ),
-        TopicSpec(
-            role="documents",
-            name=documents_topic(settings),
-            label="documents topic",
-            co_partitioned=True,
-            config={
-                "cleanup.policy": "compact",
-                "max.message.bytes": str(requests),
-                **_EAGER_COMPACTION,
-            },
-            needs=(
-                Need(
-                    "cleanup.policy",
-                    "compact",
-                    why="pending documents are kept until their outcome, never deleted by age",
-                ),
-                Need(
-                    "max.message.bytes",
-                    str(requests),
-                    at_least=True,
-                    why=f"twice BRIDGE_MAX_REQUEST_BYTES={max_request} plus 1 MiB",
-                    instead=lambda found: _lower_to(
-                        "BRIDGE_MAX_REQUEST_BYTES", (found - 1024 * 1024) // 2, minimum=1024
-                    ),
-                ),
-            ),
-        ),
-        TopicSpec(
-            role="dedupe",
-            name=dedupe_topic(settings),
-            label="dedupe topic",
-            co_partitioned=True,
-            config={
-                "cleanup.policy": "compact,delete",
-                "retention.ms": str(window_ms + DEDUPE_RETENTION_MARGIN_MS),
-                "min.compaction.lag.ms": "0",
-                "segment.ms": "3600000",
-                "min.cleanable.dirty.ratio": "0.1",
-                "delete.retention.ms": "3600000",
-            },
-            needs=(
-                Need("cleanup.policy", "compact,delete"),
-                Need(
-                    "retention.ms",
-                    str(window_ms),
-                    at_least=True,
-                    why=f"BRIDGE_DEDUPE_WINDOW_S={settings.dedupe_window_s:g}",
-                    instead=lambda found: _lower_to(
-                        "BRIDGE_DEDUPE_WINDOW_S", found // 1000, minimum=1
-                    ),
-                ),
-            ),
-        ),
+        _input_spec(settings),
+        _results_spec(settings),
+        _dead_letters_spec(settings),
+        _changelog_spec(settings),
+        _documents_spec(settings),
+        _dedupe_spec(settings),
         *_completions_specs(settings),
     ]
+
+
+def _input_spec(settings: Settings) -> TopicSpec:
+    """The input topic: large enough for the largest request."""
+    requests = request_record_bytes(settings)
+    max_request = settings.max_request_bytes
+    return TopicSpec(
+        role="input",
+        name=settings.input_topic,
+        label="input",
+        co_partitioned=True,
+        config={"max.message.bytes": str(requests)},
+        needs=(
+            Need(
+                "max.message.bytes",
+                str(max_request + RECORD_MARGIN_BYTES),
+                at_least=True,
+                why=f"BRIDGE_MAX_REQUEST_BYTES={max_request} plus "
+                f"{RECORD_MARGIN_BYTES} for key and headers",
+                instead=lambda found: _lower_to(
+                    "BRIDGE_MAX_REQUEST_BYTES", found - RECORD_MARGIN_BYTES, minimum=1024
+                ),
+            ),
+        ),
+    )
+
+
+def _results_spec(settings: Settings) -> TopicSpec:
+    """The results topic (a result over its limit is dead-lettered instead)."""
+    return TopicSpec(
+        role="results",
+        name=settings.result_topic,
+        label="results topic",
+        co_partitioned=False,
+        # No need: a result over the topic's limit becomes a `result_too_large` dead letter.
+        config={"max.message.bytes": str(settings.max_result_bytes)},
+    )
+
+
+def _dead_letters_spec(settings: Settings) -> TopicSpec:
+    """The dead-letter topic: room for a bounded dead letter."""
+    return TopicSpec(
+        role="dead_letters",
+        name=settings.dead_letter_topic,
+        label="dead-letter topic",
+        co_partitioned=False,
+        config={"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)},
+        needs=(
+            Need(
+                "max.message.bytes",
+                str(KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
+                at_least=True,
+                why="Kafka's default, room for a bounded dead letter",
+            ),
+        ),
+    )
+
+
+def _changelog_spec(settings: Settings) -> TopicSpec:
+    """The pending changelog: compacted, never deleted by age."""
+    return TopicSpec(
+        role="changelog",
+        name=settings.changelog,
+        label="changelog",
+        co_partitioned=True,
+        config={"cleanup.policy": "compact", **_EAGER_COMPACTION},
+        needs=(
+            Need(
+                "cleanup.policy",
+                "compact",
+                why="pending conversions are kept by compaction, never deleted by age",
+            ),
+        ),
+    )
+
+
+def _documents_spec(settings: Settings) -> TopicSpec:
+    """The documents topic: each pending request's document, compacted."""
+    requests = request_record_bytes(settings)
+    max_request = settings.max_request_bytes
+    return TopicSpec(
+        role="documents",
+        name=documents_topic(settings),
+        label="documents topic",
+        co_partitioned=True,
+        config={
+            "cleanup.policy": "compact",
+            "max.message.bytes": str(requests),
+            **_EAGER_COMPACTION,
+        },
+        needs=(
+            Need(
+                "cleanup.policy",
+                "compact",
+                why="pending documents are kept until their outcome, never deleted by age",
+            ),
+            Need(
+                "max.message.bytes",
+                str(requests),
+                at_least=True,
+                why=f"twice BRIDGE_MAX_REQUEST_BYTES={max_request} plus 1 MiB",
+                instead=lambda found: _lower_to(
+                    "BRIDGE_MAX_REQUEST_BYTES", (found - 1024 * 1024) // 2, minimum=1024
+                ),
+            ),
+        ),
+    )
+
+
+def _dedupe_spec(settings: Settings) -> TopicSpec:
+    """The dedupe topic: finished request ids, kept for the dedupe window."""
+    window_ms = round(settings.dedupe_window_s * 1000)
+    return TopicSpec(
+        role="dedupe",
+        name=dedupe_topic(settings),
+        label="dedupe topic",
+        co_partitioned=True,
+        config={
+            "cleanup.policy": "compact,delete",
+            "retention.ms": str(window_ms + DEDUPE_RETENTION_MARGIN_MS),
+            "min.compaction.lag.ms": "0",
+            "segment.ms": "3600000",
+            "min.cleanable.dirty.ratio": "0.1",
+            "delete.retention.ms": "3600000",
+        },
+        needs=(
+            Need("cleanup.policy", "compact,delete"),
+            Need(
+                "retention.ms",
+                str(window_ms),
+                at_least=True,
+                why=f"BRIDGE_DEDUPE_WINDOW_S={settings.dedupe_window_s:g}",
+                instead=lambda found: _lower_to("BRIDGE_DEDUPE_WINDOW_S", found // 1000, minimum=1),
+            ),
+        ),
+    )
 
 
 def completions_topic(settings: Settings) -> str:
