@@ -621,14 +621,11 @@ class Engine(EngineHooks):
         if entry is None:
             return
         age_s = (utcnow() - entry.received_at).total_seconds()
+        late = entry.attempts > 0 and age_s > self._s.retry_deadline_s and not entry.in_doubt
         # Time paused for a systemic reason (quota, hour/day window, DocuTray unreachable)
         # is not the request's fault: it does not count against its retry deadline.
-        paused_s = self._systemic.paused_s(since=entry.received_at.timestamp())
-        if (
-            entry.attempts > 0
-            and age_s - paused_s > self._s.retry_deadline_s
-            and not entry.in_doubt
-        ):
+        paused_s = self._systemic.paused_s(since=entry.received_at.timestamp()) if late else 0.0
+        if late and age_s - paused_s > self._s.retry_deadline_s:
             await self._dead_letter(
                 entry,
                 DeadLetterReason.RETRIES_EXHAUSTED,
@@ -925,9 +922,10 @@ class Engine(EngineHooks):
         if entry is None or entry.conversion_id is None:
             return
         elapsed = time.monotonic() - (entry.submitted_mono or time.monotonic())
+        remaining = self._s.conversion_deadline_s - elapsed
         # Status calls stop while consumption is paused: that time is not the conversion's.
-        stopped_s = self._systemic.stopped_s(since=time.time() - elapsed)
-        remaining = self._s.conversion_deadline_s - (elapsed - stopped_s)
+        stopped_s = self._systemic.stopped_s(since=time.time() - elapsed) if remaining < 0 else 0.0
+        remaining += stopped_s
         if remaining < 0:
             await self._dead_letter(
                 entry,

@@ -85,6 +85,8 @@ class PausedTime:
 
     def within(self, start: float, end: float) -> float:
         """Seconds paused between ``start`` and ``end``."""
+        if not self._closed and self._open_since is None:
+            return 0.0
         spans = list(self._closed)
         if self._open_since is not None:
             spans.append((self._open_since, end))
