@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import random
 import signal
@@ -532,24 +531,6 @@ def _on_limiter_event(kind: str, fields: dict[str, Any]) -> None:
         metrics.LIMITER_EFFECTIVE_RATE.labels(fields["budget"]).set(fields["per_minute"] / 60)
     elif kind == "degraded":
         metrics.LIMITER_DEGRADED.set(1 if fields["degraded"] else 0)
-
-
-def return_freed_memory() -> None:
-    """Make glibc give large freed blocks back to the system at once.
-
-    Documents pass through in megabyte strings. glibc's default raises its mmap
-    threshold after the first such block is freed, and from then on keeps them in
-    the heap, where freed memory is rarely returned: RSS ratchets up with every
-    document. A fixed threshold (which turns the adjustment off) keeps blocks over
-    128 KiB in their own mappings, unmapped when freed. Other C libraries: no-op.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-
-
-#: glibc's mallopt parameter number for the mmap threshold (malloc.h).
-_M_MMAP_THRESHOLD = -3
 
 
 async def run_bridge(settings: Settings) -> int:

@@ -59,7 +59,8 @@ def run() -> None:
     configure_logging(fmt=settings.log_format, level=settings.log_level)
     if not settings.docutray_api_key.get_secret_value():
         _usage("DOCUTRAY_API_KEY is not set")
-    from service.app import return_freed_memory, run_bridge
+    from service.app import run_bridge
+    from service.memory import return_freed_memory
 
     return_freed_memory()
     try:

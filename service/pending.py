@@ -46,6 +46,8 @@ INLINE_METADATA_BYTES = 2048
 #: bytes) and its share of the engine's and the Kafka thread's dicts and queues (RSS grew
 #: ~2 KB per pending request with 100,000 pending; see docs/benchmarks.md, scenario 3b).
 ENTRY_OVERHEAD_BYTES = 2000
+#: What most entries cost: no metadata kept, no headers (see Entry.cost_bytes).
+COMMON_ENTRY_COST_BYTES = ENTRY_OVERHEAD_BYTES + len(b"[]")
 
 Headers = list[tuple[str, str | bytes | None]]
 _HEADERS = TypeAdapter(list[OriginalHeader])
@@ -173,7 +175,7 @@ def new_entry(
     """The entry of a request just accepted from the input topic (state `queued`).
 
     Its document reference is set once the document record has an offset
-    (:meth:`service.kafkaio.KafkaIO` writes it in the same transaction).
+    (:mod:`service.kafka.transaction` writes it in the same transaction).
     """
     request = accepted.request
     metadata = request.metadata

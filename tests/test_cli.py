@@ -260,12 +260,13 @@ def test_run_exits_1_with_one_line_when_the_bridge_fails(
     secret_env: pytest.MonkeyPatch,
 ) -> None:
     import service.app
+    import service.memory
 
     async def failing_bridge(settings: object) -> int:
         raise TopicError(f"topic 'requests' is missing (key {API_KEY} must not show)")
 
     register_secret(API_KEY)
-    secret_env.setattr(service.app, "return_freed_memory", lambda: None)
+    secret_env.setattr(service.memory, "return_freed_memory", lambda: None)
     secret_env.setattr(service.app, "run_bridge", failing_bridge)
     result = invoke("run")
     line = assert_one_line_error(result, code=1)
@@ -275,11 +276,12 @@ def test_run_exits_1_with_one_line_when_the_bridge_fails(
 
 def test_run_passes_the_bridge_exit_code_through(secret_env: pytest.MonkeyPatch) -> None:
     import service.app
+    import service.memory
 
     async def stopped_bridge(settings: object) -> int:
         return 1  # e.g. Kafka did not close in time
 
-    secret_env.setattr(service.app, "return_freed_memory", lambda: None)
+    secret_env.setattr(service.memory, "return_freed_memory", lambda: None)
     secret_env.setattr(service.app, "run_bridge", stopped_bridge)
     assert invoke("run").exit_code == 1
 

@@ -24,13 +24,14 @@ from functools import partial
 import structlog
 from confluent_kafka import Consumer, TopicPartition
 
-from service import metrics
+from service import memory, metrics
 from service.dedupe import DedupeWindow, Outcome, Remembered, dedupe_value, parse_dedupe_value
 from service.kafka.calls import LOOKUP_TIMEOUT_S, Calls
 from service.kafka.effects import Effect, EngineHooks, OutRecord
+from service.kafka.pending_ids import PendingIds
 from service.kafka.restore import StateReader
 from service.kafka.settings import KafkaSettings
-from service.pending import entries_from_values
+from service.pending import COMMON_ENTRY_COST_BYTES, entries_from_values
 
 log = structlog.get_logger(__name__)
 
@@ -53,8 +54,8 @@ class Known:
 
     def pending_content(self, request_id: str) -> str | None:
         """The content hash of the pending request with this id ("" if unreadable), or None."""
-        pending = self._owner._pending.setdefault(self._partition, {})
-        return pending[request_id][0] if request_id in pending else None
+        pending = self._owner._pending.get(self._partition)
+        return pending.content_hash(request_id) if pending is not None else None
 
     def finished(self, request_id: str) -> Remembered | None:
         """What finished under this id within the dedupe window, or None."""
@@ -86,9 +87,8 @@ class Ownership:
         self._apply_pause = apply_pause
         self.assigned: frozenset[int] = frozenset()
         self._epochs: dict[int, int] = {}
-        #: Per partition: pending request id -> (content hash, bytes its entry holds).
-        self._pending: dict[int, dict[str, tuple[str, int]]] = {}
-        self.held_bytes = 0
+        #: Per partition: pending request ids, their content hashes and the bytes they hold.
+        self._pending: dict[int, PendingIds] = {}
         #: Per partition: request ids that finished within the dedupe window.
         self._windows: dict[int, DedupeWindow] = {}
         self._windows_expired = time.monotonic()
@@ -114,6 +114,11 @@ class Ownership:
         return sum(len(ids) for ids in list(self._pending.values()))
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes the pending entries of the assigned partitions hold (backpressure counts it)."""
+        return sum(ids.held_bytes for ids in list(self._pending.values()))
+
+    @property
     def restoring(self) -> frozenset[int]:
         """Assigned partitions whose state is not restored yet."""
         return frozenset(self._restoring)
@@ -136,16 +141,13 @@ class Ownership:
 
     def admit(self, partition: int, request_id: str, content: str, cost_bytes: int) -> None:
         """A new request is pending (its changelog record is in the next transaction)."""
-        pending = self._pending.setdefault(partition, {})
-        pending[request_id] = (content, cost_bytes)
-        self.held_bytes += cost_bytes
+        self._pending_ids(partition).add(request_id, content, cost_bytes)
 
     def remember(self, effect: Effect) -> None:
         """A request finishes: move it from pending to the dedupe window, durably too."""
         assert effect.finishes is not None
         rid = effect.finishes
-        content, cost = self._pending.get(effect.partition, {}).pop(rid, ("", 0))
-        self.held_bytes -= cost
+        content, _ = self._pending_ids(effect.partition).pop(rid) or ("", 0)
         window = self._windows.get(effect.partition)
         if not content or window is None:
             return  # unreadable state: nothing to compare a re-send with
@@ -202,8 +204,7 @@ class Ownership:
             return
         for p in parts:
             self._epochs[p] = self._epochs.get(p, 0) + 1
-            self._forget_pending(p)
-            self._pending[p] = {}
+            self._pending[p] = PendingIds(COMMON_ENTRY_COST_BYTES)
         consumer = self._consumer()
         tps = [TopicPartition(self._s.input_topic, p) for p in parts]
         committed: list[TopicPartition] = self._calls.retrying(
@@ -341,13 +342,18 @@ class Ownership:
                 latest.pop(p), partition=p, epoch=self._epochs[p]
             )
             count += len(entries) + len(unreadable)
-            pending = {e.request_id: (e.content_hash, e.cost_bytes()) for e in entries}
-            pending.update((u.request_id, ("", 0)) for u in unreadable)
+            pending = PendingIds(COMMON_ENTRY_COST_BYTES)
+            for e in entries:
+                pending.add(e.request_id, e.content_hash, e.cost_bytes())
+            for u in unreadable:
+                pending.add(u.request_id, "", 0)
             self._pending[p] = pending
-            self.held_bytes += sum(cost for _, cost in pending.values())
             self._loop.call_soon_threadsafe(
                 self._hooks.adopt, p, self._epochs[p], entries, unreadable
             )
+        # The state records and the Kafka client's fetch buffers are freed now, but glibc
+        # keeps them in its free lists: give them back (~35 MB at 100,000 states).
+        memory.trim()
         elapsed = time.monotonic() - started
         metrics.RESTORE_DURATION.observe(elapsed)
         metrics.RESTORED_RECORDS.inc(count)
@@ -362,9 +368,12 @@ class Ownership:
 
     # ---- letting partitions go ----
 
+    def _pending_ids(self, p: int) -> PendingIds:
+        return self._pending.setdefault(p, PendingIds(COMMON_ENTRY_COST_BYTES))
+
     def _forget_pending(self, p: int) -> None:
         """Drop partition `p`'s pending ids and the bytes they were counted for."""
-        self.held_bytes -= sum(cost for _, cost in self._pending.pop(p, {}).values())
+        self._pending.pop(p, None)
 
     def release(self, parts: list[int]) -> None:
         """Forget `parts` (revoked or lost): the engine drops them too."""

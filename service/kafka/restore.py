@@ -13,7 +13,7 @@ state that committed *after* it: finished requests come back as pending
 (no outcome).
 
 So a takeover, per partition (:class:`StateReader` does the Kafka side,
-:class:`~service.kafkaio.KafkaIO` the order):
+:class:`~service.kafka.ownership.Ownership` the order):
 
 1. fetch the input partition's committed offset first;
 2. then read each state topic's high watermark (``read_uncommitted``): every
