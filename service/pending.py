@@ -42,10 +42,12 @@ from service.messages import (
 
 #: Metadata up to this size (as JSON) is kept in the state; larger is read from the document.
 INLINE_METADATA_BYTES = 2048
-#: What an entry costs in memory beyond its headers and metadata: the entry itself (~750
-#: bytes) and its share of the engine's and the Kafka thread's dicts and queues (RSS grew
-#: ~2 KB per pending request with 100,000 pending; see docs/benchmarks.md, scenario 3b).
-ENTRY_OVERHEAD_BYTES = 2000
+#: What an entry costs in memory beyond its headers and metadata, as backpressure counts it:
+#: the entry (~220 bytes), its strings, its key, its places in the engine's dicts and due
+#: queue and in the Kafka thread's ids (~1,000 bytes traced in all), plus the allocator's
+#: share. Measured RSS per pending request: ~1,330 bytes at 100,000 restored, more right
+#: after a burst of intake (docs/benchmarks.md, scenario 3b).
+ENTRY_OVERHEAD_BYTES = 1500
 #: What most entries cost: no metadata kept, no headers (see Entry.cost_bytes).
 COMMON_ENTRY_COST_BYTES = ENTRY_OVERHEAD_BYTES + len(b"[]")
 

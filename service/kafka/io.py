@@ -27,7 +27,7 @@ from functools import partial
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
-from service import metrics
+from service import memory, metrics
 from service.intake import Duplicate, RawHeader, RecordLimits, Rejected, judge_record
 from service.kafka.calls import Calls
 from service.kafka.effects import Channel, Effect, EngineHooks, OutRecord, dead_letter_out, fail
@@ -40,6 +40,9 @@ from service.outcomes import build_dead_letter
 from service.pending import DocumentAt, Entry, new_entry
 
 log = structlog.get_logger(__name__)
+
+#: Seconds without input records after which freed memory is given back (once per burst).
+IDLE_TRIM_AFTER_S = 5.0
 
 
 class KafkaIO:
@@ -85,6 +88,9 @@ class KafkaIO:
         )
         #: Moving average of consumed record sizes (how many records one consume may take).
         self._record_bytes = 1024.0
+        #: When the last input record arrived, and when memory was last given back after one.
+        self._last_record_at = 0.0
+        self._trimmed_at = 0.0
         self._pause_reasons: set[str] = set()
         self._paused_parts: set[int] = set()
         self._last_reasons: set[str] = set()
@@ -210,12 +216,28 @@ class KafkaIO:
         # Memory: a batch of megabyte records is held until its commit, so take only as many
         # records as fit the batch's byte budget (positions move with every record returned).
         count = max(1, min(500, int(self._s.max_batch_bytes / max(1.0, self._record_bytes))))
-        for msg in consumer.consume(num_messages=count, timeout=timeout):
+        msgs = consumer.consume(num_messages=count, timeout=timeout)
+        for msg in msgs:
             self._record_bytes += 0.2 * (len(msg.value() or b"") - self._record_bytes)
             self._on_message(msg)
         self._drain_commands()
         if txn.due():
             txn.commit()
+        self._trim_when_idle(bool(msgs))
+
+    def _trim_when_idle(self, busy: bool) -> None:
+        """Once intake has been quiet for a few seconds, give freed memory back to the system.
+
+        Taking a burst of requests leaves the parsed records, documents and Kafka buffers
+        freed but kept by glibc, interleaved with the entries that stay: RSS stays up by
+        ~1.7 KB per request taken (20,000 small requests: 164 MB, 129 MB after a trim).
+        """
+        now = time.monotonic()
+        if busy:
+            self._last_record_at = now
+        elif self._trimmed_at < self._last_record_at < now - IDLE_TRIM_AFTER_S:
+            self._trimmed_at = now
+            memory.trim()
 
     def _shutdown(self) -> None:
         consumer = self._consumer_()
