@@ -22,28 +22,10 @@ from service.kafka import ownership as ownership_module
 from service.kafka.calls import Calls
 from service.kafka.effects import Effect, EngineHooks
 from service.kafka.ownership import Ownership
-from service.kafka.settings import KafkaSettings
 from service.pending import DocumentAt, Entry, Unreadable, new_entry
+from tests.fixtures.kafka_thread import kafka_settings
 
-SETTINGS = KafkaSettings(
-    common={},
-    group_id="g",
-    instance_id="i",
-    input_topic="in",
-    result_topic="out",
-    dead_letter_topic="dlq",
-    changelog_topic="changelog",
-    documents_topic="documents",
-    dedupe_topic="dedupe",
-    dedupe_window_s=3600.0,
-    commit_interval_s=0.1,
-    max_pending=100,
-    max_pending_bytes=1 << 20,
-    producer_max_bytes=1 << 20,
-    max_request_bytes=1 << 20,
-    max_document_bytes=1 << 20,
-    transaction_timeout_ms=2000,
-)
+SETTINGS = kafka_settings()
 
 
 def changelog_value(rid: str, partition: int) -> tuple[bytes, str]:

@@ -21,28 +21,10 @@ from service.kafka import transaction as transaction_module
 from service.kafka.calls import Calls
 from service.kafka.effects import Effect, OutRecord
 from service.kafka.errors import FatalKafkaError, StaleEffect
-from service.kafka.settings import KafkaSettings
 from service.kafka.transaction import ABORT_RETRIES, Transaction
+from tests.fixtures.kafka_thread import kafka_settings
 
-SETTINGS = KafkaSettings(
-    common={},
-    group_id="g",
-    instance_id="i",
-    input_topic="in",
-    result_topic="out",
-    dead_letter_topic="dlq",
-    changelog_topic="changelog",
-    documents_topic="documents",
-    dedupe_topic="dedupe",
-    dedupe_window_s=60.0,
-    commit_interval_s=0.1,
-    max_pending=100,
-    max_pending_bytes=1 << 20,
-    producer_max_bytes=1 << 20,
-    max_request_bytes=1 << 20,
-    max_document_bytes=1 << 20,
-    transaction_timeout_ms=2000,
-)
+SETTINGS = kafka_settings(dedupe_window_s=60.0)
 
 
 class FakeMessage:
