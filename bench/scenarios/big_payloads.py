@@ -61,6 +61,7 @@ from bench.harness import (
 from service import samples
 from service.devkit.processes import BridgeProcess, EmulatorProcess
 from service.devkit.waiting import wait_until
+from service.kafka.io import IDLE_TRIM_AFTER_S
 from service.tools import read_outcomes
 
 #: The memory budget the replica of scenario 5 runs with (the chart would set it from a
@@ -307,6 +308,10 @@ def pending_and_restore(
                 s: bridge.metric("docutray_bridge_pending_conversions", state=s)
                 for s in ("queued", "submitting", "submitted")
             }
+            # At rest: intake quiet for longer than the bridge waits before it gives freed
+            # memory back (service.kafka.io.IDLE_TRIM_AFTER_S), the pending set unchanged.
+            time.sleep(IDLE_TRIM_AFTER_S + 5)  # wait-ok: the measurement interval itself
+            result["rss_mb_settled"] = mb(proc_status(bridge.pid)["VmRSS"])
         data_dir = broker_data_dir()
         if data_dir is not None:
             result["disk_mb"] = {
