@@ -44,7 +44,7 @@ from typing import Any, BinaryIO, Literal, cast
 
 import structlog
 
-from service import metrics
+from service import metrics, outbox
 from service.config import Settings
 from service.documents import ByteBudget, DocumentMissing, DocumentReader
 from service.docutray import (
@@ -55,7 +55,7 @@ from service.docutray import (
 )
 from service.fetch import FetchError, TransientFetchError, fetch_document
 from service.intake import Accepted, original_record
-from service.kafka.effects import Effect, EngineHooks, KafkaEdge, OutRecord, dead_letter_out
+from service.kafka.effects import Effect, EngineHooks, KafkaEdge, OutRecord
 from service.kafka.errors import StaleEffect
 from service.kafka.topics import documents_topic, record_bytes
 from service.messages import DeadLetterReason, OriginalRecord, PendingRecord, utcnow
@@ -432,13 +432,7 @@ class Engine(EngineHooks):
 
     def _changelog(self, entry: Entry, *, next_attempt_at: datetime | None = None) -> OutRecord:
         entry.next_attempt_at = next_attempt_at
-        return OutRecord(
-            self._s.changelog,
-            entry.request_id.encode(),
-            entry.changelog_value(),
-            None,
-            entry.partition,
-        )
+        return outbox.state(self._s.changelog, entry)
 
     def _owned(self, entry: Entry) -> bool:
         return self._entries.get(entry.key) is entry
@@ -462,7 +456,15 @@ class Engine(EngineHooks):
             Effect(
                 partition=entry.partition,
                 epoch=entry.epoch,
-                records=[record, *self._tombstones(entry.request_id, entry.partition)],
+                records=[
+                    record,
+                    *outbox.tombstones(
+                        self._s.changelog,
+                        self._s.documents_topic,
+                        entry.request_id,
+                        entry.partition,
+                    ),
+                ],
                 finishes=entry.request_id,
                 dead_letter_reason=dead_letter,
                 result=dead_letter is None,
@@ -470,14 +472,6 @@ class Engine(EngineHooks):
             ),
             wait=False,
         )
-
-    def _tombstones(self, request_id: str, partition: int) -> list[OutRecord]:
-        """The pending state and its document end with the outcome, in its transaction."""
-        key = request_id.encode()
-        return [
-            OutRecord(self._s.changelog, key, None, None, partition),
-            OutRecord(self._s.documents_topic, key, None, None, partition),
-        ]
 
     @contextlib.asynccontextmanager
     async def _holding(self, entry: Entry) -> AsyncIterator[None]:
@@ -554,7 +548,7 @@ class Engine(EngineHooks):
         )
         await self._finish(
             entry,
-            dead_letter_out(self._s.dead_letter_topic, letter),
+            outbox.dead_letter(self._s.dead_letter_topic, letter),
             dead_letter=reason.value,
         )
 
@@ -597,8 +591,10 @@ class Engine(EngineHooks):
                 partition=partition,
                 epoch=epoch,
                 records=[
-                    dead_letter_out(self._s.dead_letter_topic, letter),
-                    *self._tombstones(bad.request_id, partition),
+                    outbox.dead_letter(self._s.dead_letter_topic, letter),
+                    *outbox.tombstones(
+                        self._s.changelog, self._s.documents_topic, bad.request_id, partition
+                    ),
                 ],
                 finishes=bad.request_id,
                 dead_letter_reason=DeadLetterReason.INVALID_REQUEST.value,
@@ -1010,12 +1006,7 @@ class Engine(EngineHooks):
             status_calls=entry.status_calls,
             seconds=round(elapsed, 3),
         )
-        record = OutRecord(
-            self._s.result_topic,
-            entry.request_id.encode(),
-            result.model_dump_json().encode(),
-            entry.header_tuples(),
-        )
+        record = outbox.result(self._s.result_topic, entry, result)
         del result
         limit = self._output_limits.get(self._s.result_topic)
         size = record_bytes(record.key, record.value, record.headers)

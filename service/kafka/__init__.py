@@ -33,4 +33,7 @@ Where things live:
   may hang; :mod:`~service.kafka.errors` — the errors and which codes are retriable.
 - :mod:`~service.kafka.settings` — ``KafkaSettings`` and the clients' error log.
 - :mod:`~service.kafka.topics` — the topics: names, specs, creation and checks.
+
+The records themselves (documents, states, results, dead letters, tombstones, dedupe
+marks) are built in one place outside the package, :mod:`service.outbox`.
 """

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from service import metrics
-from service.messages import DeadLetter
-from service.outcomes import dead_letter_record
 from service.pending import Entry, Unreadable
 
 #: Headers are carried from the input record to every output record.
@@ -125,12 +123,6 @@ class Channel:
             return self._commands.get_nowait()
         except queue.Empty:
             return None
-
-
-def dead_letter_out(topic: str, letter: DeadLetter) -> OutRecord:
-    """The record of `letter` on the dead-letter topic (bounded JSON, whole headers only)."""
-    key, value, headers = dead_letter_record(letter)
-    return OutRecord(topic, key, value, headers)
 
 
 def fail(loop: asyncio.AbstractEventLoop, effect: Effect, exc: BaseException) -> None:

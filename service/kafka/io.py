@@ -27,10 +27,10 @@ from functools import partial
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
-from service import memory, metrics
+from service import memory, metrics, outbox
 from service.intake import Duplicate, RawHeader, RecordLimits, Rejected, judge_record
 from service.kafka.calls import Calls
-from service.kafka.effects import Channel, Effect, EngineHooks, OutRecord, dead_letter_out, fail
+from service.kafka.effects import Channel, Effect, EngineHooks, OutRecord, fail
 from service.kafka.errors import FatalKafkaError, StaleEffect
 from service.kafka.ownership import Ownership
 from service.kafka.settings import KafkaErrorLog, KafkaSettings
@@ -426,15 +426,14 @@ class KafkaIO:
     def _accept(self, entry: Entry, original: OriginalRecord) -> Effect:
         """The document once to its topic, then the first state naming the document's offset."""
         document = original.model_dump_json().encode()
-        rid, partition, size = entry.request_id.encode(), entry.partition, len(document)
+        partition, size = entry.partition, len(document)
         hooks = self._hooks
 
         def delivered(offset: int) -> None:
             entry.document = DocumentAt(partition, offset, size)
 
         def state() -> list[OutRecord]:
-            value = entry.changelog_value()
-            return [OutRecord(self._s.changelog_topic, rid, value, None, partition)]
+            return [outbox.state(self._s.changelog_topic, entry)]
 
         def adopt() -> None:
             hooks.adopt(partition, entry.epoch, [entry])
@@ -442,7 +441,11 @@ class KafkaIO:
         return Effect(
             partition=partition,
             epoch=entry.epoch,
-            records=[OutRecord(self._s.documents_topic, rid, document, None, partition, delivered)],
+            records=[
+                outbox.document(
+                    self._s.documents_topic, entry.request_id, partition, document, delivered
+                )
+            ],
             late=state,
             on_commit=adopt,
         )
@@ -478,7 +481,7 @@ class KafkaIO:
             truncated=letter.original.truncated,
             action=action,
         )
-        record = dead_letter_out(self._s.dead_letter_topic, letter)
+        record = outbox.dead_letter(self._s.dead_letter_topic, letter)
         self._txn.add(Effect(partition, epoch, [record], dead_letter_reason=verdict.reason.value))
 
     # ---- rebalancing ----

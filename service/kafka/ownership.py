@@ -24,10 +24,10 @@ from functools import partial
 import structlog
 from confluent_kafka import Consumer, TopicPartition
 
-from service import memory, metrics
-from service.dedupe import DedupeWindow, Outcome, Remembered, dedupe_value, parse_dedupe_value
+from service import memory, metrics, outbox
+from service.dedupe import DedupeWindow, Outcome, Remembered, parse_dedupe_value
 from service.kafka.calls import LOOKUP_TIMEOUT_S, Calls
-from service.kafka.effects import Effect, EngineHooks, OutRecord
+from service.kafka.effects import Effect, EngineHooks
 from service.kafka.pending_ids import PendingIds
 from service.kafka.restore import StateReader
 from service.kafka.settings import KafkaSettings
@@ -156,12 +156,8 @@ class Ownership:
         window.remember(rid, content, outcome, now_ms / 1000)
         metrics.REMEMBERED.inc()
         effect.records.append(
-            OutRecord(
-                self._s.dedupe_topic,
-                rid.encode(),
-                dedupe_value(content, outcome, now_ms),
-                None,
-                effect.partition,
+            outbox.finished_mark(
+                self._s.dedupe_topic, rid, effect.partition, content, outcome, now_ms
             )
         )
 
