@@ -10,8 +10,8 @@ One :class:`Systemic` per engine holds both kinds, and what each one costs:
   block an hour or day 429 sets until its reset, the optional hour/day budgets' windows):
   submissions wait on every replica while status calls go on. The quota pause lasts until
   the quota's reset, but never longer than ``quota_probe_interval_s``; the first submit
-  after it is the probe (one at a time on a replica that got the 402, until one is
-  accepted; a quota still spent answers 402 and pauses again).
+  after it is the probe (one at a time on every replica that got the 402 or saw the
+  shared pause, until one is accepted; a quota still spent answers 402 and pauses again).
 
 Neither is the request's fault, so time spent in either does not count against a
 request's retry deadline (:meth:`Systemic.paused_s`), and time in a consumption pause
@@ -120,7 +120,8 @@ class Systemic:
         self._last_api_ok = time.monotonic()
         self._probe_task: asyncio.Task[None] | None = None
         self._stopping = False
-        #: When this replica last got a 402 with no accepted submit since (None: quota fine).
+        #: When this replica got a 402, or saw the shared ``quota_exhausted`` pause, with no
+        #: accepted submit since (None: quota fine). While set, submits are probes.
         self._quota_since: float | None = None
         self._paused_time = PausedTime()
         self._stopped_time = PausedTime()
@@ -153,8 +154,9 @@ class Systemic:
 
     @property
     def probing_quota(self) -> bool:
-        """Whether this replica got a 402 and no submit was accepted since: its next submit
-        is the quota's probe (the engine sends one at a time then)."""
+        """Whether this replica got a 402, or saw the shared ``quota_exhausted`` pause, and
+        no submit was accepted since: its next submit is the quota's probe (the engine sends
+        one at a time then, so a quota still spent costs one 402, not a burst)."""
         return self._quota_since is not None
 
     @contextlib.asynccontextmanager
@@ -181,7 +183,11 @@ class Systemic:
 
     def tick(self) -> None:
         """Note whether calls are paused, or submissions held, now (the dispatcher calls this
-        every turn, at least once a second), for :meth:`paused_s` and :meth:`stopped_s`."""
+        every turn, at least once a second), for :meth:`paused_s` and :meth:`stopped_s`; a
+        shared quota pause seen (a read or a permit's answer) makes this replica probe too."""
+        hold = self._limiter.submit_hold
+        if hold is not None and hold.reason == "quota_exhausted":
+            self._quota_held()
         now = time.time()
         self._paused_time.note(bool(self._paused) or self.submits_held, now)
         self._stopped_time.note(bool(self._paused), now)
@@ -306,6 +312,19 @@ class Systemic:
                 "conversions already submitted still complete",
             )
 
+    def _quota_held(self) -> None:
+        """The shared gate holds ``quota_exhausted`` (this replica's 402 or another's): this
+        replica probes too when it ends, one submit at a time, and is unready until one is
+        accepted (or it has nothing left to submit), as the replica that got the 402."""
+        metrics.QUOTA_EXHAUSTED.set(1)
+        if self._quota_since is None:
+            self._quota_since = time.monotonic()
+            log.warning(
+                "quota_exhausted_shared",
+                action="none: DocuTray's monthly quota is spent (a 402, on this or another "
+                "replica); submissions resume by themselves, one probe at a time",
+            )
+
     async def watch_submit_hold(self, *, every_s: float = 2.0) -> None:
         """Keep this replica's view of the shared submit gate fresh, and its gauges.
 
@@ -323,7 +342,7 @@ class Systemic:
             reason = "" if hold is None else hold.reason
             _set_hold_gauges(reason)
             if reason == "quota_exhausted":
-                metrics.QUOTA_EXHAUSTED.set(1)
+                self._quota_held()
             elif self._quota_since is not None and not self._waiting_to_submit():
                 # The pause ended and nothing here waits to submit (another replica's submits
                 # are the probe): this replica has nothing left to be unready for.

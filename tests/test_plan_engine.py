@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -158,4 +159,38 @@ async def test_after_a_402_one_submit_at_a_time_probes_the_quota() -> None:
     assert "dead" not in kafka.topics()
     client.quota_spent = False
     await run_until(engine, lambda: all(e.state == "submitted" for e in engine._entries.values()))
+    assert engine.hold_reasons == frozenset()
+
+
+async def test_a_replica_that_only_saw_the_shared_quota_hold_probes_one_at_a_time() -> None:
+    """Issue 14 gap: another replica got the 402; this one only sees the shared gate's
+    ``quota_exhausted`` hold. When the hold ends with the quota still spent, it must probe
+    one submit at a time like the replica that got the 402, not send a burst of submits
+    that all get 402."""
+    engine, kafka, client, documents = make(BRIDGE_QUOTA_PROBE_INTERVAL_S="0.3")
+    client.quota_spent = True
+    # Another replica's 402, as the shared gate holds it (no 402 reached this replica).
+    await engine._limiter.pause_submissions("quota_exhausted", until=time.time() + 0.3)
+    engine.adopt(0, 1, [entry(documents, f"r{i}", i) for i in range(10)])
+    await run_until(engine, lambda: client.submits >= 3)
+    assert client.max_in_call == 1
+    assert "dead" not in kafka.topics()
+    client.quota_spent = False
+    await run_until(engine, lambda: all(e.state == "submitted" for e in engine._entries.values()))
+    assert engine.hold_reasons == frozenset()
+
+
+async def test_after_the_shared_quota_hold_ends_the_replica_is_unready_until_a_submit() -> None:
+    """Readiness as on the replica that got the 402: ``quota_exhausted`` until a submit is
+    accepted (the hold's end alone does not say the quota is back)."""
+    engine, _, client, documents = make(BRIDGE_QUOTA_PROBE_INTERVAL_S="0.1")
+    await engine._limiter.pause_submissions("quota_exhausted", until=time.time() + 0.1)
+    engine.adopt(0, 1, [entry(documents, "r1", 0)])
+    engine._systemic.tick()  # a dispatcher turn sees the shared hold
+    async with asyncio.timeout(5):
+        while engine._limiter.submit_hold is not None:
+            await asyncio.sleep(0.01)  # wait-ok: polling a condition under a deadline
+    assert engine.hold_reasons == frozenset({"quota_exhausted"})
+    await run_until(engine, lambda: engine._entries[(0, "r1")].state == "submitted")
+    assert client.submits == 1
     assert engine.hold_reasons == frozenset()
