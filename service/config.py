@@ -19,6 +19,7 @@ echoed.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -472,8 +473,15 @@ def check_kafka_passthrough(environ: Mapping[str, str] | None = None) -> None:
 def kafka_common_config(
     settings: Settings, environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """librdkafka settings shared by every client: bootstrap servers plus the pass-through."""
-    conf: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap_servers}
+    """librdkafka settings shared by every client: bootstrap servers plus the pass-through.
+
+    librdkafka's own log lines go to the ``librdkafka`` logger (served when a client is
+    polled), so they join the JSON stream instead of printing plain lines on stderr.
+    """
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "logger": logging.getLogger("librdkafka"),
+    }
     conf.update(kafka_passthrough(environ))
     return conf
 
@@ -485,8 +493,13 @@ def is_secret_property(name: str) -> bool:
 
 
 def redacted(conf: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a config mapping safe to log: secret values replaced by ``***``."""
-    return {k: ("***" if is_secret_property(k) else v) for k, v in conf.items()}
+    """A copy of a config mapping safe to log: secret values replaced by ``***``, and
+    objects (the logger, callbacks) left out."""
+    return {
+        k: ("***" if is_secret_property(k) else v)
+        for k, v in conf.items()
+        if isinstance(v, str | int | float | bool)
+    }
 
 
 def _variable_name(loc: tuple[int | str, ...]) -> str:

@@ -172,7 +172,10 @@ def test_kafka_common_config_owns_bootstrap_servers(clean_env: pytest.MonkeyPatc
     clean_env.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
     settings = load_settings()
     conf = kafka_common_config(settings, {"KAFKA_SECURITY_PROTOCOL": "PLAINTEXT"})
+    logger = conf.pop("logger")
     assert conf == {"bootstrap.servers": "127.0.0.1:19092", "security.protocol": "PLAINTEXT"}
+    assert logger.name == "librdkafka"  # librdkafka's lines join the JSON stream
+    assert "logger" not in redacted(kafka_common_config(settings))  # printable settings only
 
 
 def _librdkafka_accepts(conf: dict[str, Any]) -> None:

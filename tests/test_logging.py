@@ -213,3 +213,34 @@ def test_python_warnings_join_the_json_stream() -> None:
     (line,) = json_lines(buf.getvalue())
     assert "old API" in line["event"]
     assert line["logger"] == "py.warnings"
+
+
+def test_librdkafka_lines_join_the_json_stream() -> None:
+    """librdkafka's own log lines (a broker it cannot reach) come out as JSON, not as plain
+    ``%3|...|FAIL|rdkafka#producer-1|`` lines on stderr."""
+    import socket
+    import time
+
+    from confluent_kafka import Producer
+
+    from service.config import kafka_common_config, load_settings
+    from service.devkit.waiting import wait_until
+
+    buf = io.StringIO()
+    configure_logging(fmt="json", stream=buf)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    conf = kafka_common_config(load_settings(kafka_bootstrap_servers=closed))
+    producer = Producer({**conf, "reconnect.backoff.ms": 50})
+    started = time.monotonic()
+
+    def logged() -> bool:
+        producer.poll(0.1)
+        return any(line.get("logger") == "librdkafka" for line in json_lines(buf.getvalue()))
+
+    wait_until(logged, 20.0, "a librdkafka log line in the JSON stream")
+    lines = [line for line in json_lines(buf.getvalue()) if line.get("logger") == "librdkafka"]
+    assert lines[0]["level"] in {"error", "warning", "info"}
+    assert closed.split(":")[1] in json.dumps(lines), lines
+    assert time.monotonic() - started < 20.0
