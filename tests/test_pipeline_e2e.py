@@ -8,12 +8,17 @@ right one, and none is missing.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 
+from confluent_kafka.admin import AdminClient, ConfigResource
+
 from service import samples
+from service.kafka.settings import KafkaSettings
 from service.messages import DeadLetterReason
 from tests.fixtures.bridge import (
+    BridgeProcess,
     Rig,
     assert_exactly_once,
     pdf_request,
@@ -366,12 +371,60 @@ def test_graceful_shutdown_under_load_loses_nothing(rig_factory, emulator_factor
     assert bridge.stop() == 0
 
 
-def test_frozen_replica_is_fenced_when_it_wakes_up(rig_factory, emulator_factory):
+#: How long a replica gets to become ready when no open transaction holds its restore back
+#: (BridgeProcess.wait_ready's default).
+READY_S = 60.0
+
+
+def _broker_setting_s(admin: AdminClient, name: str) -> float:
+    """A broker's `<name>` (a *.ms setting) in seconds, as the broker reports it."""
+    broker = min(admin.list_topics(timeout=10).brokers)
+    resource = ConfigResource(ConfigResource.Type.BROKER, str(broker))
+    config = admin.describe_configs([resource])[resource].result(timeout=10)
+    return int(config[name].value) / 1000
+
+
+def _takeover_wait_s(kafka_admin: AdminClient, env: dict[str, str]) -> float:
+    """The longest a replica taking over under a new name waits for a frozen replica's open
+    transaction: the transaction timeout (the bridge's default unless `env` passes
+    KAFKA_PRODUCER_TRANSACTION_TIMEOUT_MS), plus up to one pass of the broker's check for
+    timed-out transactions, which is what aborts it."""
+    default_ms = next(
+        f.default for f in dataclasses.fields(KafkaSettings) if f.name == "transaction_timeout_ms"
+    )
+    timeout_s = int(env.get("KAFKA_PRODUCER_TRANSACTION_TIMEOUT_MS", default_ms)) / 1000
+    check_s = _broker_setting_s(
+        kafka_admin, "transaction.abort.timed.out.transaction.cleanup.interval.ms"
+    )
+    return timeout_s + check_s
+
+
+def _sole_member(admin: AdminClient, replica: BridgeProcess) -> set[tuple[str, int]]:
+    """The partitions the group assigned to `replica` when it is the group's only member."""
+    group = replica.env["BRIDGE_GROUP_ID"]
+    description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    members = description.members
+    if len(members) != 1 or members[0].group_instance_id != replica.env["BRIDGE_INSTANCE_ID"]:
+        return set()
+    return {(tp.topic, tp.partition) for tp in members[0].assignment.topic_partitions}
+
+
+def test_frozen_replica_is_fenced_when_it_wakes_up(rig_factory, emulator_factory, kafka_admin):
     """A replica that stops dead (GC pause, frozen VM) and wakes after the group moved on.
 
-    While it was frozen the other replica took its partitions and restored them from the
-    changelog. When it wakes up with work in memory, its transactions carry a stale group
+    While it was frozen the group gave its partitions to the other replica, which restores
+    them from the changelog. When it wakes up with work in memory, its transactions carry a stale group
     generation: the broker refuses them, so it cannot publish a second outcome.
+
+    The freeze may land in the middle of a transaction (commits run every 50 ms while work
+    is in flight). The other replica, under another transactional id, cannot abort it: its
+    committed offsets and its restore wait for that transaction (see
+    service/kafka/restore.py). So the frozen replica wakes as soon as the group gave every
+    partition to the other one, with its transaction maybe still open: the broker refuses it
+    (stale generation) or it commits before the other reads. Held until the other is ready
+    instead, the freeze would outlast the transaction timeout: the broker aborts the
+    transaction, and the woken replica's retries, timed across the freeze, give up (it exits
+    to be restarted): not the wake-up this test is about.
     """
     import signal as _signal
 
@@ -380,6 +433,7 @@ def test_frozen_replica_is_fenced_when_it_wakes_up(rig_factory, emulator_factory
         "KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "6000",
         "KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS": "500",
     }
+    takeover_s = _takeover_wait_s(kafka_admin, fast_session)
     rig: Rig = rig_factory(emulator, BRIDGE_TOPIC_PARTITIONS="4", **fast_session)
     frozen = rig.bridge("frozen")
     frozen.wait_ready()
@@ -394,15 +448,20 @@ def test_frozen_replica_is_fenced_when_it_wakes_up(rig_factory, emulator_factory
     frozen.proc.send_signal(_signal.SIGSTOP)
     try:
         other = rig.bridge("other")
-        other.wait_ready()
         wait_for(
-            lambda: other.metric("docutray_bridge_assigned_partitions") == 4,
-            60,
-            message="the other replica took every partition",
+            lambda: (
+                _sole_member(kafka_admin, other)
+                == {(other.env["BRIDGE_INPUT_TOPIC"], p) for p in range(4)}
+            ),
+            READY_S,
+            message="the group gave every partition to the other replica",
         )
-        assert other.metric("docutray_bridge_changelog_restored_records_total") > 0
     finally:
         frozen.proc.send_signal(_signal.SIGCONT)
+    # Restored, or still waiting for the woken replica's transaction: that one ends as soon
+    # as the woken replica tries to commit it, at worst when the broker times it out.
+    other.wait_ready(READY_S + takeover_s)
+    assert other.metric("docutray_bridge_changelog_restored_records_total") > 0
     grouped = rig.wait_outcomes(sent_ids(requests), timeout_s=120)
     # Let the woken replica run into its fence before the final count.
     wait_for(
