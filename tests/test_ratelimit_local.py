@@ -76,33 +76,47 @@ async def grant_times(limiter: Limiter, budget: Budget, n: int) -> list[float]:
 
 
 async def test_permits_come_as_a_burst_then_at_the_sustained_rate() -> None:
+    """The shape is checked by what cannot stretch on a busy machine: the limiter's own
+    waits (a burst permit returns at once, a later one sleeps about an interval) and
+    lower bounds on time (never faster than the rate); the upper bounds are loose."""
     limiter = local_limiter(3000.0, burst=5)
     interval, burst = gcra_shape(3000.0, 5)
+    waits: list[float] = []
+    times: list[float] = []
+
+    async def one() -> None:
+        waits.append(await limiter.acquire("submit"))
+        times.append(time.monotonic())
+
     try:
         start = time.monotonic()
-        times = await grant_times(limiter, "submit", 55)
+        await asyncio.gather(*(one() for _ in range(55)))
     finally:
         await limiter.close()
     elapsed = max(times) - start
-    assert sum(1 for t in times if t - start < 0.005) == 5
-    assert elapsed == pytest.approx(50 * interval, abs=0.05)
+    assert sum(1 for w in waits if w < interval / 2) == burst
+    assert elapsed >= 50 * interval - 0.01  # the sustained rate is never exceeded
+    assert elapsed <= 50 * interval + 1.0  # and it is kept up (loosely: load stretches it)
     assert max_in_window(times, 0.2) <= int(0.2 / interval) + burst + 1
 
 
 async def test_budgets_are_independent_unless_shared() -> None:
+    interval = gcra_shape(600.0, 1)[0]
     limiter = local_limiter(600.0, burst=1)
     try:
         await limiter.acquire("submit")
-        start = time.monotonic()
-        await limiter.acquire("status")  # its own budget: no wait
-        assert time.monotonic() - start < 0.02
+        waited = await limiter.acquire("status")  # its own budget: no wait
+        assert waited < interval / 2
     finally:
         await limiter.close()
     shared = local_limiter(600.0, burst=1, shared=True)
     try:
         await shared.acquire("submit")
-        waited = await shared.acquire("status")  # the same budget: one interval
-        assert waited == pytest.approx(gcra_shape(600.0, 1)[0], abs=0.02)
+        between = time.monotonic()
+        waited = await shared.acquire("status")  # the same budget: the rest of one interval
+        lag = time.monotonic() - between - waited  # time this test itself lost in between
+        assert waited >= interval - 0.01 - lag
+        assert waited <= interval + 0.5
     finally:
         await shared.close()
 
