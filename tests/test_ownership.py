@@ -271,3 +271,29 @@ def test_reset_drops_and_restores_again_under_a_new_epoch(rig: Rig) -> None:
     assert rig.own.epoch(0) == first_epoch + 1
     assert rig.hooks.adopted[-1] == (0, first_epoch + 1, ["r-1"], [])
     assert (0, 5) in rig.consumer.seeks, "a reset seeks back to the committed offset"
+
+
+def test_a_takeover_waits_past_the_transaction_timeout_for_stable_offsets(rig: Rig) -> None:
+    """A replica that died in a transaction leaves its offsets unstable until the broker
+    aborts it: up to the transaction timeout plus the broker's 10 s check interval. The
+    committed look-up keeps trying that long (it gave up, fatally, at the timeout)."""
+    import time
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    # Unstable past the attempt that follows the timeout (backoff 0.1, 0.2, ... 1.6 s: 3.1 s).
+    unstable_until = time.monotonic() + SETTINGS.transaction_timeout_ms / 1000 + 1.5
+    stable = rig.consumer.committed
+
+    def committed(tps: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        if time.monotonic() < unstable_until:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return stable(tps, timeout)
+
+    rig.consumer.committed = committed  # type: ignore[method-assign]
+    rig.own.assign([0])
+    rig.own.acquire([0], seek=False)
+    rig.settle()
+    assert time.monotonic() >= unstable_until
+    assert rig.own.restoring == frozenset()
+    assert [a[0] for a in rig.hooks.adopted] == [0]

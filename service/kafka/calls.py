@@ -35,13 +35,16 @@ class Calls:
         self._limit_ms = retry_limit_ms
         self._beat = beat
 
-    def retrying(self, what: str, call: Callable[[], Any]) -> Any:
-        """Run a Kafka call, retrying retriable errors with backoff within the transaction timeout.
+    def retrying(self, what: str, call: Callable[[], Any], *, limit_ms: int | None = None) -> Any:
+        """Run a Kafka call, retrying retriable errors with backoff within the transaction timeout
+        (or `limit_ms`).
 
         Fatal errors (fenced, authentication) raise FatalKafkaError; abortable ones are
-        re-raised for the caller's abort path. Nothing retriable ever ends the process.
+        re-raised for the caller's abort path. A retriable error that outlasts the limit
+        raises FatalKafkaError: the process restarts rather than hang.
         """
-        deadline = time.monotonic() + self._limit_ms / 1000
+        limit_ms = self._limit_ms if limit_ms is None else limit_ms
+        deadline = time.monotonic() + limit_ms / 1000
         delay = 0.1
         while True:
             self._beat()
@@ -55,7 +58,7 @@ class Calls:
                     raise
                 if time.monotonic() > deadline:
                     raise FatalKafkaError(
-                        f"{what} still failing after {self._limit_ms} ms: {kerr.str()}"
+                        f"{what} still failing after {limit_ms} ms: {kerr.str()}"
                     ) from None
                 metrics.KAFKA_RETRIES.labels(what).inc()
                 log.warning(

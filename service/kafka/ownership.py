@@ -35,6 +35,10 @@ from service.pending import COMMON_ENTRY_COST_BYTES, entries_from_values
 
 log = structlog.get_logger(__name__)
 
+#: How long past the transaction timeout a takeover waits for a dead replica's open
+#: transaction to be aborted by the broker (its check runs every 10 s by default).
+OPEN_TRANSACTION_GRACE_MS = 30_000
+
 
 @dataclass(slots=True)
 class _Restoring:
@@ -203,8 +207,14 @@ class Ownership:
             self._pending[p] = PendingIds(COMMON_ENTRY_COST_BYTES)
         consumer = self._consumer()
         tps = [TopicPartition(self._s.input_topic, p) for p in parts]
+        # A replica that died in a transaction leaves its offsets pending: the committed
+        # offsets are unstable until the broker aborts that transaction, which takes the
+        # dead producer's transaction timeout plus up to the broker's check interval
+        # (transaction.abort.timed.out.transaction.cleanup.interval.ms, 10 s by default).
         committed: list[TopicPartition] = self._calls.retrying(
-            "committed", lambda: consumer.committed(tps, timeout=LOOKUP_TIMEOUT_S)
+            "committed",
+            lambda: consumer.committed(tps, timeout=LOOKUP_TIMEOUT_S),
+            limit_ms=self._s.transaction_timeout_ms + OPEN_TRANSACTION_GRACE_MS,
         )
         for tp in committed:
             offset = tp.offset
