@@ -79,7 +79,8 @@ UNIT_TESTS := tests/test_dedupe.py tests/test_engine.py tests/test_plan_engine.p
 	tests/test_scheduler.py tests/test_ratelimit_policy.py tests/test_ratelimit_local.py \
 	tests/test_config.py tests/test_logging.py tests/test_docutray_client.py tests/test_readme.py \
 	tests/test_emulator_units.py tests/test_health.py tests/chaos/test_checker.py tests/test_demo_dir.py \
-	tests/test_judge_record.py tests/test_transaction.py tests/test_ownership.py
+	tests/test_judge_record.py tests/test_transaction.py tests/test_ownership.py \
+	tests/test_pending_ids.py tests/test_devkit.py
 
 unit: venv
 	env -u KAFKA_BOOTSTRAP_SERVERS -u REDIS_URL $(BIN)/pytest -q -n 2 $(UNIT_TESTS)

@@ -27,12 +27,11 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-import uvicorn
 
 from service import __version__, metrics
 from service.config import (
@@ -62,6 +61,7 @@ from service.pipeline import Engine, EngineSettings
 from service.ratelimit import RateLimiter, build_limiter
 from service.redis_url import parse_redis_url
 from service.scheduler import DurationModel, PollPolicy
+from service.servers import EmbeddedServer, embedded_server
 from service.usage import UsageWatcher
 from service.webhooks import (
     CompletionProducer,
@@ -214,28 +214,14 @@ def _key_prefix(settings: Settings) -> str:
     return f"docutray-bridge:{{{settings.group_id}}}:"
 
 
-class _OpsServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the bridge owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 def _ops_server(
     settings: Settings, *, live: Callable[[], Probe], ready: Callable[[], Probe]
-) -> _OpsServer:
+) -> EmbeddedServer:
     """The /metrics, /livez and /readyz server (not started)."""
-    return _OpsServer(
-        uvicorn.Config(
-            create_ops_app(live=live, ready=ready),
-            host=settings.metrics_host,
-            port=settings.metrics_port,
-            log_level="warning",
-            log_config=None,  # uvicorn logs through the service's handlers: one JSON stream
-            access_log=False,
-            lifespan="off",
-        )
+    return embedded_server(
+        create_ops_app(live=live, ready=ready),
+        host=settings.metrics_host,
+        port=settings.metrics_port,
     )
 
 

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-import uvicorn
 from confluent_kafka import (
     OFFSET_END,
     Consumer,
@@ -62,6 +61,7 @@ from starlette.routing import Route
 from service import metrics
 from service.messages import ROUTE_METADATA_KEY
 from service.scheduler import PollPolicy
+from service.servers import EmbeddedServer, embedded_server
 
 log = structlog.get_logger(__name__)
 
@@ -357,28 +357,10 @@ class WebhookReceiver:
         return JSONResponse({"outcome": outcome}, status_code=status, headers=headers)
 
 
-class WebhookServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the bridge owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
-
-
-def webhook_server(receiver: WebhookReceiver, *, host: str, port: int) -> WebhookServer:
+def webhook_server(receiver: WebhookReceiver, *, host: str, port: int) -> EmbeddedServer:
     """The webhook endpoint's own HTTP server (a port apart from /metrics and the probes)."""
-    return WebhookServer(
-        uvicorn.Config(
-            receiver.app(),
-            host=host,
-            port=port,
-            log_level="warning",
-            log_config=None,  # uvicorn logs through the service's handlers: one JSON stream
-            access_log=False,
-            lifespan="off",
-            limit_concurrency=256,
-            timeout_keep_alive=30,
-        )
+    return embedded_server(
+        receiver.app(), host=host, port=port, limit_concurrency=256, timeout_keep_alive=30
     )
 
 
