@@ -102,8 +102,9 @@ def _child(code: str) -> subprocess.Popen[bytes]:
 
 
 def test_read_line_returns_a_line_or_nothing_by_the_deadline() -> None:
-    talker = _child("import sys, time; print('hello', flush=True); time.sleep(30)")
-    silent = _child("import time; time.sleep(30)")
+    # The children idle (a sleep inside them, wait-ok) until the test kills them.
+    talker = _child("import sys, time; print('hello', flush=True); time.sleep(30)")  # wait-ok
+    silent = _child("import time; time.sleep(30)")  # wait-ok
     try:
         assert talker.stdout is not None
         assert silent.stdout is not None
@@ -120,11 +121,11 @@ def test_read_line_returns_a_line_or_nothing_by_the_deadline() -> None:
 
 
 def test_stop_process_escalates_and_says_so_when_asked() -> None:
-    polite = _child("import time; time.sleep(30)")
+    polite = _child("import time; time.sleep(30)")  # wait-ok: the child idles until stopped
     assert stop_process(polite, timeout_s=10) == -15
     stubborn = _child(
         "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-        "print('ready', flush=True); time.sleep(30)"
+        "print('ready', flush=True); time.sleep(30)"  # wait-ok: the child idles until killed
     )
     assert stubborn.stdout is not None
     assert read_line(stubborn.stdout, deadline=time.monotonic() + 20) == "ready"

@@ -139,10 +139,10 @@ async def saturate(
     start = time.monotonic()
     try:
         if fail is not None:
-            await asyncio.sleep(FAIL_AT_S)  # load runs meanwhile
+            await asyncio.sleep(FAIL_AT_S)  # wait-ok: the load runs this long before the failure
             failed_at = time.monotonic()
             await fail()
-        await asyncio.sleep(max(0.0, start + run_s - time.monotonic()))
+        await asyncio.sleep(max(0.0, start + run_s - time.monotonic()))  # wait-ok: load duration
         assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
         assert not any(lim.degraded for lim in limiters), "a limiter still runs on its fallback"
     finally:
