@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 
 #: glibc's mallopt parameter number for the mmap threshold (malloc.h).
 _M_MMAP_THRESHOLD = -3
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, loaded once (None with another C library)."""
     with contextlib.suppress(OSError):
         return ctypes.CDLL("libc.so.6")
     return None

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from service.dedupe import content_hash
 from service.intake import Accepted, original_record, parse_record
@@ -164,7 +165,7 @@ class Rig:
         self.own.open()
 
     def settle(self) -> None:
-        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.run_until_complete(asyncio.sleep(0))  # wait-ok: one turn of the loop
 
 
 @pytest.fixture
@@ -277,10 +278,6 @@ def test_a_takeover_waits_past_the_transaction_timeout_for_stable_offsets(rig: R
     """A replica that died in a transaction leaves its offsets unstable until the broker
     aborts it: up to the transaction timeout plus the broker's 10 s check interval. The
     committed look-up keeps trying that long (it gave up, fatally, at the timeout)."""
-    import time
-
-    from confluent_kafka import KafkaError, KafkaException
-
     # Unstable past the attempt that follows the timeout (backoff 0.1, 0.2, ... 1.6 s: 3.1 s).
     unstable_until = time.monotonic() + SETTINGS.transaction_timeout_ms / 1000 + 1.5
     stable = rig.consumer.committed
