@@ -311,6 +311,18 @@ def test_paused_time_counts_only_the_overlap_with_a_requests_life() -> None:
     assert paused.within(0.0, 60.0) == 2.0
 
 
+class ProbeFailingOnce:
+    """DocuTray's probe call (``list_document_types``): 401 the first time, fine after."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, **_: Any) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise InvalidApiKey("still unauthorized", endpoint="document_types", status_code=401)
+
+
 async def test_a_systemic_error_pauses_probes_and_resumes_without_charging_the_request() -> None:
     """A 401 pauses consumption (no dead letter); the probe fails once, then DocuTray
     answers again and consumption resumes; the pause outlasted BRIDGE_RETRY_DEADLINE_S after
@@ -321,18 +333,13 @@ async def test_a_systemic_error_pauses_probes_and_resumes_without_charging_the_r
         InvalidApiKey("unauthorized", endpoint="submit", status_code=401),
     ]
     real = h.client.submit
-    probes = 0
 
     async def scripted() -> Submission:
         if answers:
             raise answers.pop(0)
         return await real()
 
-    async def probe(**_: Any) -> None:
-        nonlocal probes
-        probes += 1
-        if probes == 1:
-            raise InvalidApiKey("still unauthorized", endpoint="document_types", status_code=401)
+    probe = ProbeFailingOnce()
 
     h.client.submit = scripted  # type: ignore[method-assign]
     h.client.list_document_types = probe  # type: ignore[method-assign]
@@ -342,7 +349,7 @@ async def test_a_systemic_error_pauses_probes_and_resumes_without_charging_the_r
     await h.run_until(lambda: bool(h.kafka.values("results") or h.kafka.values("dead")))
     assert [r["request_id"] for r in h.kafka.values("results")] == ["r1"]
     assert h.kafka.values("dead") == []
-    assert probes == 2
+    assert probe.calls == 2
     assert h.kafka.paused == set()
     assert h.engine.paused_reasons == frozenset()
 
@@ -362,13 +369,7 @@ async def test_time_paused_does_not_count_against_the_conversion_deadline() -> N
             raise answers.pop(0)
         return await real(conversion_id)
 
-    probes = 0
-
-    async def probe(**_: Any) -> None:
-        nonlocal probes
-        probes += 1
-        if probes == 1:
-            raise InvalidApiKey("still unauthorized", endpoint="document_types", status_code=401)
+    probe = ProbeFailingOnce()
 
     h.client.get_status = scripted  # type: ignore[method-assign]
     h.client.list_document_types = probe  # type: ignore[method-assign]
@@ -376,7 +377,7 @@ async def test_time_paused_does_not_count_against_the_conversion_deadline() -> N
     await h.run_until(lambda: bool(h.kafka.values("results") or h.kafka.values("dead")))
     assert h.kafka.values("dead") == []
     assert [r["request_id"] for r in h.kafka.values("results")] == ["r1"]
-    assert probes == 2
+    assert probe.calls == 2
 
 
 def _scripted_submits(h: Harness, answers: list[Exception]) -> None:
